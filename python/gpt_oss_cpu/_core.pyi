@@ -1,0 +1,108 @@
+"""Type stubs for the Rust extension module ``gpt_oss_cpu._core``.
+
+Users import from :mod:`gpt_oss_cpu`; this module is the narrow boundary the Python layer wraps.
+"""
+
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class GptOssError(Exception):
+    """Base class of every error raised by gpt_oss_cpu."""
+
+class CheckpointError(GptOssError):
+    """A checkpoint file or tensor is missing, truncated, corrupt, misshaped or mistyped."""
+
+class ConfigError(GptOssError, ValueError):
+    """config.json is missing, unreadable, or holds a value the engine cannot use."""
+
+class InputError(GptOssError, ValueError):
+    """A call got bad arguments: token ids out of range, empty input, bad sizes."""
+
+class ContextOverflowError(GptOssError):
+    """Appending would exceed the session's ``max_context`` (the cache never wraps silently)."""
+
+class Config:
+    """Model hyper-parameters read from ``config.json`` (Hugging Face or ``original/`` keys)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    intermediate_size: int
+    sliding_window: int
+    layer_types: list[str]
+    rope_theta: float
+    rope_scaling_factor: float
+    rope_beta_fast: float
+    rope_beta_slow: float
+    rope_original_max_position_embeddings: int
+    rope_truncate: bool
+    swiglu_limit: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    eos_token_ids: list[int]
+    def to_dict(self) -> dict[str, object]: ...
+
+class Engine:
+    """A memory-mapped gpt-oss checkpoint and the thread pool that runs it."""
+
+    @staticmethod
+    def load(path: str, threads: int | None = None) -> Engine: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def layout(self) -> Literal["hf", "original"]: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def threads(self) -> int: ...
+    def forward(
+        self, ids: npt.ArrayLike, start_position: int = 0
+    ) -> npt.NDArray[np.float32]: ...
+    def trace(
+        self, ids: npt.ArrayLike, start_position: int = 0
+    ) -> tuple[
+        npt.NDArray[np.float32],
+        npt.NDArray[np.int32],
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float32],
+    ]: ...
+    def session(self, max_context: int) -> Session: ...
+
+class Sampler:
+    """Chooses the next token from logits: greedy at temperature 0, seeded sampling otherwise."""
+
+    def __init__(
+        self, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None
+    ) -> None: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    def sample(self, logits: npt.ArrayLike) -> int: ...
+
+class Session:
+    """A KV cache bound to one Engine: incremental decoding with prefix reuse."""
+
+    @property
+    def position(self) -> int: ...
+    @property
+    def max_context(self) -> int: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    def append(
+        self, ids: npt.ArrayLike, return_logits: bool = True
+    ) -> npt.NDArray[np.float32] | None: ...
+    def sample(self, sampler: Sampler) -> int: ...
+    def truncate(self, n: int) -> None: ...
+    def reset(self) -> None: ...
+
+def build_info() -> dict[str, object]: ...

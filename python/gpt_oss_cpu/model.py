@@ -1,0 +1,250 @@
+"""The user-facing model API: :class:`Model` (weights + tokenizer) and :class:`Session` (KV cache).
+
+Compute happens in the Rust extension with the GIL released; this module only adapts types.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from ._core import Config, InputError
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+TokenIds = Sequence[int] | npt.NDArray[np.integer]
+
+#: Stop tokens for chat completions: ``<|return|>`` and ``<|call|>`` (SPEC §5.4).
+CHAT_STOP_TOKENS: tuple[int, ...] = (200002, 200012)
+
+
+def _as_token_array(ids: TokenIds | int) -> npt.NDArray[np.int64]:
+    """Validates token ids (a 1-D integer sequence) and returns them as an int64 array."""
+    array = np.asarray(ids)
+    if array.ndim == 0:
+        array = array.reshape(1)
+    if array.ndim != 1:
+        raise InputError(f"token ids must be 1-D, found an array of shape {array.shape}")
+    if array.size == 0:
+        raise InputError("no token ids given")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"token ids must be integers, found dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A forward pass with the internals the golden reference data records.
+
+    Attributes:
+        logits: ``float32 [T, vocab]``.
+        router_topk_idx: ``int32 [layers, T, k]``, chosen experts by descending router logit.
+        router_topk_weights: ``float32 [layers, T, k]``, softmax over the chosen router logits.
+        layer_outputs: ``float32 [layers, T, hidden]``, residual stream after each layer.
+    """
+
+    logits: npt.NDArray[np.float32]
+    router_topk_idx: npt.NDArray[np.int32]
+    router_topk_weights: npt.NDArray[np.float32]
+    layer_outputs: npt.NDArray[np.float32]
+
+
+class Model:
+    """A gpt-oss checkpoint, memory-mapped, ready to run.
+
+    Example:
+        >>> model = Model.load("gpt-oss-20b")                      # doctest: +SKIP
+        >>> ids = model.tokenizer.encode("Hello")                  # doctest: +SKIP
+        >>> model.forward(ids).shape                               # doctest: +SKIP
+        (1, 201088)
+    """
+
+    def __init__(self, engine: _core.Engine) -> None:
+        self._engine = engine
+        self._tokenizer: Tokenizer | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, threads: int | None = None) -> Model:
+        """Maps a checkpoint directory and checks every tensor's name, dtype and shape.
+
+        Args:
+            path: a Hugging Face layout directory (``config.json`` and ``model.safetensors`` or
+                shards with ``model.safetensors.index.json``), or an ``original/`` layout directory.
+            threads: compute threads (default: one per available CPU).
+
+        Raises:
+            CheckpointError: a file or tensor is missing, truncated, corrupt, misshaped or mistyped.
+            ConfigError: ``config.json`` is missing or invalid.
+        """
+        return cls(_core.Engine.load(os.fspath(path), threads))
+
+    @property
+    def config(self) -> Config:
+        """Hyper-parameters from ``config.json``."""
+        return self._engine.config
+
+    @property
+    def path(self) -> Path:
+        """The checkpoint directory."""
+        return Path(self._engine.path)
+
+    @property
+    def layout(self) -> str:
+        """``"hf"`` or ``"original"``."""
+        return self._engine.layout
+
+    @property
+    def threads(self) -> int:
+        """Size of this model's compute thread pool."""
+        return self._engine.threads
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The checkpoint's tokenizer (``tokenizer.json`` beside the weights, or in the parent
+        directory of an ``original/`` layout), loaded on first use."""
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_model_dir(self.path)
+        return self._tokenizer
+
+    def forward(self, ids: TokenIds, start_position: int = 0) -> npt.NDArray[np.float32]:
+        """Logits at every position of ``ids``, with no cache kept.
+
+        Args:
+            ids: token ids, 1-D.
+            start_position: position of the first token (RoPE is relative, so logits barely move).
+
+        Returns:
+            ``float32 [len(ids), vocab_size]``.
+        """
+        return self._engine.forward(_as_token_array(ids), start_position)
+
+    def trace(self, ids: TokenIds, start_position: int = 0) -> Trace:
+        """Like :meth:`forward`, also returning router choices and per-layer residual streams."""
+        return Trace(*self._engine.trace(_as_token_array(ids), start_position))
+
+    def session(self, max_context: int = 8192) -> Session:
+        """A new conversation state with room for ``max_context`` tokens.
+
+        Example:
+            >>> with model.session(max_context=4096) as session:   # doctest: +SKIP
+            ...     logits = session.append(ids)
+        """
+        return Session(self._engine.session(max_context))
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.path)!r}, layout={self.layout!r}, {self.config!r})"
+
+
+class Session:
+    """A KV cache over one :class:`Model`: append tokens, generate, roll back.
+
+    Use it as a context manager to free the cache deterministically.
+    """
+
+    def __init__(self, inner: _core.Session) -> None:
+        self._inner: _core.Session | None = inner
+
+    @property
+    def _session(self) -> _core.Session:
+        if self._inner is None:
+            raise InputError("this session is closed")
+        return self._inner
+
+    @property
+    def position(self) -> int:
+        """Number of tokens in the cache."""
+        return self._session.position
+
+    @property
+    def max_context(self) -> int:
+        """Capacity in tokens; appending beyond it raises :class:`ContextOverflowError`."""
+        return self._session.max_context
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids in the cache, in order."""
+        return self._session.tokens
+
+    def append(self, ids: TokenIds) -> npt.NDArray[np.float32]:
+        """Runs ``ids`` after the cached tokens.
+
+        Returns:
+            ``float32 [vocab_size]``: the logits after the last appended token.
+        """
+        logits = self._session.append(_as_token_array(ids), True)
+        assert logits is not None
+        return logits
+
+    def truncate(self, n: int) -> None:
+        """Keeps the first ``n`` tokens (to reuse a shared prompt prefix)."""
+        self._session.truncate(n)
+
+    def reset(self) -> None:
+        """Empties the cache."""
+        self._session.reset()
+
+    def generate(
+        self,
+        ids: TokenIds,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Iterable[int] = (),
+    ) -> Iterator[int]:
+        """Appends ``ids`` and yields new tokens one at a time.
+
+        Greedy when ``temperature`` is 0; otherwise samples from ``softmax(logits / temperature)``
+        within the ``top_p`` nucleus, reproducibly for a given ``seed``. A token in ``stop`` is
+        yielded, then generation ends. Each yielded token enters the cache when the next one is
+        requested, so afterwards the session holds everything generated except a final stop token
+        (and except the last token if the caller stops iterating early).
+
+        Example:
+            >>> for token in session.generate(ids, 32, stop=CHAT_STOP_TOKENS):  # doctest: +SKIP
+            ...     print(model.tokenizer.decode([token]), end="")
+        """
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, found {max_new_tokens}")
+        stop_set = frozenset(stop)
+        sampler = _core.Sampler(temperature, top_p, seed)
+        session = self._session
+        session.append(_as_token_array(ids), False)
+        for _ in range(max_new_tokens):
+            token = session.sample(sampler)
+            yield token
+            if token in stop_set:
+                return
+            session.append(np.array([token], dtype=np.int64), False)
+
+    def close(self) -> None:
+        """Frees the KV cache. The session cannot be used afterwards."""
+        self._inner = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._inner is None:
+            return "Session(closed)"
+        return f"Session(position={self.position}, max_context={self.max_context})"

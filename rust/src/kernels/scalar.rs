@@ -1,0 +1,73 @@
+//! Portable reference kernels: straightforward, and the oracle for every SIMD kernel.
+
+/// FP4 E2M1 code → value (SPEC §3.1).
+pub const FP4_VALUES: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+#[inline]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// E8M0 scale byte → 2^(s − 127), exact (SPEC §3.2). 0 is the subnormal 2^−127; 255 gives +Inf, as in
+/// the reference, which does not special-case it.
+#[inline]
+pub fn e8m0_to_f32(s: u8) -> f32 {
+    if s == 0 {
+        f32::from_bits(0x0040_0000)
+    } else {
+        f32::from_bits((s as u32) << 23)
+    }
+}
+
+pub fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+    debug_assert_eq!(x.len(), w.len());
+    x.iter().zip(w).map(|(&a, &b)| a * bf16_to_f32(b)).sum()
+}
+
+/// One MXFP4 row: 32 inputs per block share a scale; byte j of a block holds element 2j in its low
+/// nibble and 2j+1 in its high nibble (SPEC §3.3).
+pub fn dot_mxfp4(x: &[f32], blocks: &[u8], scales: &[u8]) -> f32 {
+    debug_assert_eq!(x.len(), blocks.len() * 2);
+    debug_assert_eq!(x.len(), scales.len() * 32);
+    let mut total = 0f32;
+    for ((block, &scale), xs) in blocks.chunks_exact(16).zip(scales).zip(x.chunks_exact(32)) {
+        let mut acc = 0f32;
+        for (&byte, pair) in block.iter().zip(xs.chunks_exact(2)) {
+            acc += FP4_VALUES[(byte & 0x0F) as usize] * pair[0];
+            acc += FP4_VALUES[(byte >> 4) as usize] * pair[1];
+        }
+        total += acc * e8m0_to_f32(scale);
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e8m0_is_exact_power_of_two() {
+        assert_eq!(e8m0_to_f32(127), 1.0);
+        assert_eq!(e8m0_to_f32(130), 8.0);
+        assert_eq!(e8m0_to_f32(1), f32::MIN_POSITIVE);
+        assert_eq!(e8m0_to_f32(0), f32::MIN_POSITIVE / 2.0);
+        assert_eq!(e8m0_to_f32(255), f32::INFINITY);
+    }
+
+    #[test]
+    fn mxfp4_nibble_order_is_low_first() {
+        // One block: byte 0 = 0x72 → element 0 = code 2 (1.0), element 1 = code 7 (6.0).
+        let mut block = [0u8; 16];
+        block[0] = 0x72;
+        block[15] = 0x9F; // element 30 = code F (-6.0), element 31 = code 9 (-0.5)
+        let mut x = [0f32; 32];
+        x[0] = 1.0;
+        x[1] = 10.0;
+        x[30] = 100.0;
+        x[31] = 1000.0;
+        let got = dot_mxfp4(&x, &block, &[128]); // scale 2
+        assert_eq!(got, 2.0 * (1.0 + 60.0 - 600.0 - 500.0));
+    }
+}

@@ -1,0 +1,136 @@
+//! Key/value cache: post-RoPE keys and values of every processed token, per layer (SPEC §4.6).
+//!
+//! Full-attention layers keep every position, growing up to `max_context`. Sliding layers only ever
+//! look back `sliding_window` positions, so they keep a ring of the last `window + ROLLBACK_SLOTS`:
+//! the extra slots let [`KvCache::truncate`] step back that far without recomputing anything.
+
+use crate::config::Config;
+
+/// Positions a sliding layer keeps beyond its window, so that short rollbacks (regenerating a reply,
+/// reusing a prompt prefix) stay cheap.
+pub const ROLLBACK_SLOTS: usize = 1024;
+
+pub struct LayerCache {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    /// Ring capacity in positions for sliding layers; `None` for full layers.
+    ring: Option<usize>,
+    kv_dim: usize,
+}
+
+impl LayerCache {
+    fn slot(&self, position: usize) -> usize {
+        self.ring.map_or(position, |capacity| position % capacity)
+    }
+
+    /// Key of cached position `j` (all KV heads).
+    pub fn key(&self, j: usize) -> &[f32] {
+        let s = self.slot(j) * self.kv_dim;
+        &self.keys[s..s + self.kv_dim]
+    }
+
+    pub fn value(&self, j: usize) -> &[f32] {
+        let s = self.slot(j) * self.kv_dim;
+        &self.values[s..s + self.kv_dim]
+    }
+
+    /// Stores keys and values `[n, kv_dim]` of positions `first..first + n`, dropping anything cached
+    /// at or after `first`.
+    pub fn store(&mut self, first: usize, keys: &[f32], values: &[f32]) {
+        let n = keys.len() / self.kv_dim;
+        match self.ring {
+            None => {
+                self.keys.truncate(first * self.kv_dim);
+                self.values.truncate(first * self.kv_dim);
+                self.keys.extend_from_slice(keys);
+                self.values.extend_from_slice(values);
+            }
+            Some(capacity) => {
+                // Only the last `capacity` positions of the chunk survive in the ring.
+                for i in n.saturating_sub(capacity)..n {
+                    let s = self.slot(first + i) * self.kv_dim;
+                    let src = i * self.kv_dim..(i + 1) * self.kv_dim;
+                    self.keys[s..s + self.kv_dim].copy_from_slice(&keys[src.clone()]);
+                    self.values[s..s + self.kv_dim].copy_from_slice(&values[src]);
+                }
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        (self.keys.capacity() + self.values.capacity()) * std::mem::size_of::<f32>()
+    }
+}
+
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+    /// Token ids in the cache, in order.
+    pub tokens: Vec<u32>,
+    pub max_context: usize,
+    /// RoPE position of the first cached token (a stateless forward may start anywhere).
+    pub position_offset: usize,
+    /// Smallest ring capacity over the sliding layers (`usize::MAX` when there are none).
+    ring_capacity: usize,
+    sliding_window: usize,
+}
+
+impl KvCache {
+    pub fn new(config: &Config, max_context: usize, position_offset: usize) -> Self {
+        let kv_dim = config.kv_dim();
+        let capacity = (config.sliding_window + ROLLBACK_SLOTS).min(max_context);
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let ring = config.is_sliding(l).then_some(capacity);
+                let slots = ring.unwrap_or(0);
+                LayerCache {
+                    keys: vec![0.0; slots * kv_dim],
+                    values: vec![0.0; slots * kv_dim],
+                    ring,
+                    kv_dim,
+                }
+            })
+            .collect::<Vec<_>>();
+        let ring_capacity = if layers.iter().any(|l| l.ring.is_some()) {
+            capacity
+        } else {
+            usize::MAX
+        };
+        KvCache {
+            layers,
+            tokens: Vec::new(),
+            max_context,
+            position_offset,
+            ring_capacity,
+            sliding_window: config.sliding_window,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Drops every position from `n` on. Returns false when the sliding rings no longer hold the
+    /// window before `n` (the caller must then recompute the prefix).
+    pub fn truncate(&mut self, n: usize) -> bool {
+        if n >= self.len() {
+            return true;
+        }
+        let reachable = self.len() - n + self.sliding_window.min(n) <= self.ring_capacity;
+        if reachable {
+            self.tokens.truncate(n);
+        }
+        reachable
+    }
+
+    pub fn clear(&mut self) {
+        self.tokens.clear();
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::bytes).sum()
+    }
+}

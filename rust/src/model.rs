@@ -1,0 +1,712 @@
+//! The gpt-oss forward pass, block by block as SPEC §4 describes it, in fp32 activations with the
+//! checkpoint's own weights. Matrix products go through [`crate::kernels`]; everything else is here.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::kernels::{self, scalar::bf16_to_f32};
+use crate::kv_cache::{KvCache, LayerCache};
+use crate::weights::{LayerWeights, Linear, Mxfp4Experts, Weights};
+
+/// Tokens per forward chunk: bounds activation memory for long prompts.
+const PREFILL_CHUNK: usize = 512;
+
+/// SwiGLU gate slope, hard-coded in the reference (SPEC §4.4).
+const SWIGLU_ALPHA: f32 = 1.702;
+
+pub struct Model {
+    pub config: Config,
+    pub dir: PathBuf,
+    /// Bytes of tensor data in the checkpoint (what decoding may read).
+    pub checkpoint_bytes: u64,
+    weights: Weights,
+    rope: Rope,
+    pool: rayon::ThreadPool,
+}
+
+/// Which positions of a chunk need logits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    All,
+    Last,
+    None,
+}
+
+/// Debug record of a forward pass: router choices and the residual stream after each layer.
+#[derive(Default)]
+pub struct Trace {
+    /// Per layer: `[tokens, k]` expert ids in descending router-logit order.
+    pub topk_idx: Vec<Vec<u32>>,
+    /// Per layer: `[tokens, k]` routing weights.
+    pub topk_weights: Vec<Vec<f32>>,
+    /// Per layer: `[tokens, hidden]`.
+    pub layer_outputs: Vec<Vec<f32>>,
+}
+
+impl Model {
+    /// Maps a checkpoint directory (Hugging Face or `original/` layout) and checks every tensor.
+    pub fn load(dir: &Path, threads: Option<usize>) -> Result<Model> {
+        if !dir.is_dir() {
+            return Err(Error::Checkpoint(format!(
+                "{}: not a directory (expected a checkpoint directory with config.json)",
+                dir.display()
+            )));
+        }
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let mut checkpoint = Checkpoint::open(dir)?;
+        let weights = Weights::load(&mut checkpoint, &config)?;
+        let checkpoint_bytes = checkpoint.total_bytes;
+        checkpoint.finish()?;
+        let threads = match threads {
+            Some(0) => return Err(Error::Input("threads must be at least 1".into())),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("gpt-oss-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::Input(format!("cannot start {threads} threads: {e}")))?;
+        Ok(Model {
+            rope: Rope::new(&config),
+            config,
+            dir: dir.to_path_buf(),
+            checkpoint_bytes,
+            weights,
+            pool,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Logits `[T, vocab]` of `tokens` placed at positions `start_position..`, with no cache kept.
+    pub fn forward(&self, tokens: &[u32], start_position: usize) -> Result<Vec<f32>> {
+        self.check_positions(start_position, tokens.len())?;
+        let mut cache = KvCache::new(&self.config, tokens.len(), start_position);
+        self.extend(&mut cache, tokens, LogitRows::All, None)
+    }
+
+    /// As [`Model::forward`], also recording router choices and per-layer outputs.
+    pub fn trace(&self, tokens: &[u32], start_position: usize) -> Result<(Vec<f32>, Trace)> {
+        self.check_positions(start_position, tokens.len())?;
+        let mut cache = KvCache::new(&self.config, tokens.len(), start_position);
+        let layers = self.config.num_hidden_layers;
+        let mut trace = Trace {
+            topk_idx: vec![Vec::new(); layers],
+            topk_weights: vec![Vec::new(); layers],
+            layer_outputs: vec![Vec::new(); layers],
+        };
+        let logits = self.extend(&mut cache, tokens, LogitRows::All, Some(&mut trace))?;
+        Ok((logits, trace))
+    }
+
+    pub fn check_positions(&self, start: usize, len: usize) -> Result<()> {
+        let limit = self.config.max_position_embeddings;
+        if start.checked_add(len).is_none_or(|end| end > limit) {
+            return Err(Error::Input(format!(
+                "positions {start}..{} exceed max_position_embeddings ({limit})",
+                start.saturating_add(len)
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Input("no token ids given".into()));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some((i, &id)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= vocab)
+        {
+            return Err(Error::Input(format!(
+                "token id {id} at index {i} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` through the model after what `cache` holds, appending to it. Returns the
+    /// requested logits, `[rows, vocab]`.
+    pub fn extend(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        rows: LogitRows,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        if cache.len() + tokens.len() > cache.max_context {
+            return Err(Error::ContextOverflow(format!(
+                "appending {} tokens to {} would exceed max_context {}",
+                tokens.len(),
+                cache.len(),
+                cache.max_context
+            )));
+        }
+        self.pool.install(|| {
+            let mut logits = Vec::new();
+            let chunks = tokens.chunks(PREFILL_CHUNK);
+            let last_chunk = chunks.len() - 1;
+            for (i, chunk) in chunks.enumerate() {
+                let chunk_rows = match rows {
+                    LogitRows::Last if i < last_chunk => LogitRows::None,
+                    other => other,
+                };
+                let out = self.forward_chunk(cache, chunk, chunk_rows, trace.as_deref_mut());
+                logits.extend_from_slice(&out);
+            }
+            Ok(logits)
+        })
+    }
+
+    /// SPEC §4.1: embed, the decoder layers, final norm, unembedding.
+    fn forward_chunk(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        rows: LogitRows,
+        mut trace: Option<&mut Trace>,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let d = c.hidden_size;
+        let first = cache.len();
+        let positions: Vec<usize> = (0..tokens.len())
+            .map(|i| cache.position_offset + first + i)
+            .collect();
+        let rope = self.rope.tables(&positions);
+
+        let mut x = vec![0f32; tokens.len() * d];
+        for (row, &token) in x.chunks_exact_mut(d).zip(tokens) {
+            for (xi, &w) in row
+                .iter_mut()
+                .zip(self.weights.embedding.row(token as usize))
+            {
+                *xi = bf16_to_f32(w);
+            }
+        }
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            let window = c.is_sliding(l).then_some(c.sliding_window);
+            self.attention_block(layer, &mut x, &rope, &mut cache.layers[l], first, window);
+            let routes = self.moe_block(layer, &mut x);
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.topk_idx[l].extend(
+                    routes
+                        .iter()
+                        .flat_map(|r| r.experts.iter().map(|&e| e as u32)),
+                );
+                trace.topk_weights[l].extend(routes.iter().flat_map(|r| r.weights.iter().copied()));
+                trace.layer_outputs[l].extend_from_slice(&x);
+            }
+        }
+        cache.tokens.extend_from_slice(tokens);
+
+        let x = match rows {
+            LogitRows::All => &x[..],
+            LogitRows::Last => &x[x.len() - d..],
+            LogitRows::None => return Vec::new(),
+        };
+        let h = rms_norm(x, &self.weights.final_norm, c.rms_norm_eps);
+        let unembedding = &self.weights.unembedding;
+        let mut logits = vec![0f32; h.len() / d * c.vocab_size];
+        kernels::matmul_bf16(
+            &h,
+            unembedding.data(),
+            unembedding.rows,
+            d,
+            None,
+            &mut logits,
+        );
+        logits
+    }
+
+    /// SPEC §4.3: x += o_proj(attention(rope(q), rope(k), v)) over the cache and this chunk.
+    fn attention_block(
+        &self,
+        layer: &LayerWeights,
+        x: &mut [f32],
+        rope: &RopeTables,
+        cache: &mut LayerCache,
+        first: usize,
+        window: Option<usize>,
+    ) {
+        let c = &self.config;
+        let t = rms_norm(x, &layer.attn_norm, c.rms_norm_eps);
+        let mut q = linear(&t, &layer.q);
+        let mut k = linear(&t, &layer.k);
+        let v = linear(&t, &layer.v);
+        self.rope.apply(&mut q, rope, c.head_dim);
+        self.rope.apply(&mut k, rope, c.head_dim);
+
+        let heads = Heads {
+            q: c.num_attention_heads,
+            kv: c.num_key_value_heads,
+            dim: c.head_dim,
+        };
+        let mut attn = vec![0f32; q.len()];
+        let keys = KeySource {
+            cache,
+            first,
+            keys: &k,
+            values: &v,
+            kv_dim: c.kv_dim(),
+        };
+        attend(&q, &keys, &layer.sinks, heads, window, &mut attn);
+        cache.store(first, &k, &v);
+
+        let y = linear(&attn, &layer.o);
+        add_assign(x, &y);
+    }
+
+    /// SPEC §4.4: route each token to its top-k experts, run each expert once over all of its
+    /// tokens, and add the weighted outputs to the residual stream.
+    fn moe_block(&self, layer: &LayerWeights, x: &mut [f32]) -> Vec<Route> {
+        let c = &self.config;
+        let d = c.hidden_size;
+        let t = rms_norm(x, &layer.mlp_norm, c.rms_norm_eps);
+        let router_logits = linear(&t, &layer.router);
+        let routes: Vec<Route> = router_logits
+            .chunks_exact(c.num_local_experts)
+            .map(|logits| Route::top_k(logits, c.num_experts_per_tok))
+            .collect();
+
+        let mut y = vec![0f32; x.len()];
+        for e in 0..c.num_local_experts {
+            // (token, weight) of every token routed to expert e.
+            let assigned: Vec<(usize, f32)> = routes
+                .iter()
+                .enumerate()
+                .filter_map(|(token, r)| r.weight_of(e).map(|w| (token, w)))
+                .collect();
+            if assigned.is_empty() {
+                continue;
+            }
+            let xe: Vec<f32> = assigned
+                .iter()
+                .flat_map(|&(token, _)| &t[token * d..(token + 1) * d])
+                .copied()
+                .collect();
+            let h = expert_linear(&xe, &layer.gate_up, e);
+            let z = swiglu(&h, c.swiglu_limit);
+            let out = expert_linear(&z, &layer.down, e);
+            for (&(token, w), out_row) in assigned.iter().zip(out.chunks_exact(d)) {
+                for (yi, &o) in y[token * d..(token + 1) * d].iter_mut().zip(out_row) {
+                    *yi += w * o;
+                }
+            }
+        }
+        add_assign(x, &y);
+        routes
+    }
+}
+
+/// RMSNorm of each row (SPEC §4.2): `x / sqrt(mean(x²) + eps) * scale`, no bias, no `1 + w`.
+fn rms_norm(x: &[f32], scale: &[f32], eps: f32) -> Vec<f32> {
+    let d = scale.len();
+    let mut out = vec![0f32; x.len()];
+    for (row, out_row) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean_square = row.iter().map(|&v| v * v).sum::<f32>() / d as f32;
+        let inv_rms = 1.0 / (mean_square + eps).sqrt();
+        for ((o, &v), &s) in out_row.iter_mut().zip(row).zip(scale) {
+            *o = v * inv_rms * s;
+        }
+    }
+    out
+}
+
+/// `x·Wᵀ + b` for every row of `x`.
+fn linear(x: &[f32], layer: &Linear) -> Vec<f32> {
+    let w = &layer.weight;
+    let mut y = vec![0f32; x.len() / w.cols * w.rows];
+    kernels::matmul_bf16(x, w.data(), w.rows, w.cols, Some(&layer.bias), &mut y);
+    y
+}
+
+/// One expert's MXFP4 projection of every row of `x`, plus that expert's bias.
+fn expert_linear(x: &[f32], experts: &Mxfp4Experts, e: usize) -> Vec<f32> {
+    let (blocks, scales) = experts.expert(e);
+    let mut y = vec![0f32; x.len() / experts.cols * experts.rows];
+    kernels::matmul_mxfp4(
+        x,
+        blocks,
+        scales,
+        experts.rows,
+        experts.cols,
+        Some(experts.expert_bias(e)),
+        &mut y,
+    );
+    y
+}
+
+/// Clamped SwiGLU with the "+1" on the linear half (SPEC §4.4). `h` interleaves gate (even) and up
+/// (odd) of each unit.
+fn swiglu(h: &[f32], limit: f32) -> Vec<f32> {
+    h.chunks_exact(2)
+        .map(|pair| {
+            let gate = pair[0].min(limit);
+            let up = pair[1].clamp(-limit, limit);
+            let glu = gate / (1.0 + (-SWIGLU_ALPHA * gate).exp());
+            glu * (up + 1.0)
+        })
+        .collect()
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// One token's chosen experts and their weights.
+pub struct Route {
+    pub experts: Vec<usize>,
+    pub weights: Vec<f32>,
+}
+
+impl Route {
+    /// Top-k of the router logits (descending; ties to the lower index), then a softmax over those
+    /// k only (SPEC §4.4, §9.4).
+    fn top_k(logits: &[f32], k: usize) -> Route {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        order.truncate(k);
+        let max = logits[order[0]];
+        let exps: Vec<f32> = order.iter().map(|&e| (logits[e] - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        Route {
+            experts: order,
+            weights: exps.iter().map(|&v| v / sum).collect(),
+        }
+    }
+
+    fn weight_of(&self, expert: usize) -> Option<f32> {
+        self.experts
+            .iter()
+            .position(|&e| e == expert)
+            .map(|i| self.weights[i])
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Heads {
+    q: usize,
+    kv: usize,
+    dim: usize,
+}
+
+/// Keys and values of positions before `first` come from the cache, the rest from this chunk.
+struct KeySource<'a> {
+    cache: &'a LayerCache,
+    first: usize,
+    keys: &'a [f32],
+    values: &'a [f32],
+    kv_dim: usize,
+}
+
+impl KeySource<'_> {
+    fn key(&self, j: usize) -> &[f32] {
+        if j >= self.first {
+            let s = (j - self.first) * self.kv_dim;
+            &self.keys[s..s + self.kv_dim]
+        } else {
+            self.cache.key(j)
+        }
+    }
+
+    fn value(&self, j: usize) -> &[f32] {
+        if j >= self.first {
+            let s = (j - self.first) * self.kv_dim;
+            &self.values[s..s + self.kv_dim]
+        } else {
+            self.cache.value(j)
+        }
+    }
+}
+
+/// Scaled dot-product attention with GQA, a per-head sink logit in the softmax denominator, and an
+/// optional sliding window of `window` keys including the current one (SPEC §4.3.4).
+fn attend(
+    q: &[f32],
+    src: &KeySource,
+    sinks: &[f32],
+    heads: Heads,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
+    let scale = 1.0 / (heads.dim as f32).sqrt();
+    let group = heads.q / heads.kv;
+    // One task per (token, query head).
+    out.par_chunks_mut(heads.dim)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (task, o)| {
+            let (i, h) = (task / heads.q, task % heads.q);
+            let kv_offset = (h / group) * heads.dim;
+            let n = src.first + i;
+            let lo = window.map_or(0, |w| (n + 1).saturating_sub(w));
+            let qh = &q[task * heads.dim..(task + 1) * heads.dim];
+
+            scores.clear();
+            let mut max = sinks[h];
+            for j in lo..=n {
+                let k = &src.key(j)[kv_offset..kv_offset + heads.dim];
+                let s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            // The sink takes probability mass but contributes no value (SPEC §9.5).
+            let mut denominator = (sinks[h] - max).exp();
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                denominator += *s;
+            }
+            o.fill(0.0);
+            for (j, &p) in (lo..=n).zip(scores.iter()) {
+                let v = &src.value(j)[kv_offset..kv_offset + heads.dim];
+                for (oi, &vi) in o.iter_mut().zip(v) {
+                    *oi += p * vi;
+                }
+            }
+            let inv = 1.0 / denominator;
+            o.iter_mut().for_each(|oi| *oi *= inv);
+        });
+}
+
+/// YaRN-scaled rotary embedding with rotate-half pairing (SPEC §4.3.2, §4.3.3).
+pub struct Rope {
+    /// `head_dim / 2` frequencies.
+    pub inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (so every q·k logit by its square).
+    pub concentration: f32,
+}
+
+/// cos and sin (concentration included) of each position of a chunk, `[tokens, head_dim / 2]`.
+pub struct RopeTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(c: &Config) -> Rope {
+        let factor = c.rope_scaling_factor;
+        let concentration = if factor > 1.0 {
+            0.1 * factor.ln() + 1.0
+        } else {
+            1.0
+        };
+        let inv_freq = if is_gpt_oss_rope(c) {
+            GPT_OSS_INV_FREQ_BITS
+                .iter()
+                .map(|&b| f32::from_bits(b))
+                .collect()
+        } else {
+            yarn_inv_freq(c)
+        };
+        Rope {
+            inv_freq,
+            concentration: concentration as f32,
+        }
+    }
+
+    /// The angle is one fp32 product `float32(p) · inv_freq`, like the reference (SPEC §4.3.3).
+    pub fn tables(&self, positions: &[usize]) -> RopeTables {
+        let mut cos = Vec::with_capacity(positions.len() * self.inv_freq.len());
+        let mut sin = Vec::with_capacity(cos.capacity());
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32 * self.concentration);
+                sin.push(angle.sin() as f32 * self.concentration);
+            }
+        }
+        RopeTables { cos, sin }
+    }
+
+    /// Rotates every head of every token in `x` (`[tokens, heads · head_dim]`): dimension i pairs
+    /// with i + head_dim/2.
+    fn apply(&self, x: &mut [f32], tables: &RopeTables, head_dim: usize) {
+        let half = head_dim / 2;
+        let tokens = tables.cos.len() / half;
+        let per_token = x.len() / tokens;
+        for (t, row) in x.chunks_exact_mut(per_token).enumerate() {
+            let cos = &tables.cos[t * half..(t + 1) * half];
+            let sin = &tables.sin[t * half..(t + 1) * half];
+            for head in row.chunks_exact_mut(head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] - b * sin[i];
+                    x2[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+    }
+}
+
+/// The frequencies as transformers' `_compute_yarn_parameters` builds them in fp32. The reference's
+/// fp32 `pow` is not correctly rounded, so this can differ from it by an ulp (hence the table below).
+fn yarn_inv_freq(c: &Config) -> Vec<f32> {
+    let dim = c.head_dim as f64;
+    let factor = c.rope_scaling_factor as f32;
+    let base = c.rope_theta;
+    let original = c.rope_original_max_position_embeddings as f64;
+    let correction_dim = |rotations: f64| {
+        dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+    };
+    let (mut low, mut high) = (
+        correction_dim(c.rope_beta_fast),
+        correction_dim(c.rope_beta_slow),
+    );
+    if c.rope_truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (0..c.head_dim / 2)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / c.head_dim as f32;
+            let pos_freq = base.powf(exponent as f64) as f32;
+            let extrapolation = 1.0 / pos_freq;
+            let interpolation = 1.0 / (factor * pos_freq);
+            let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
+            let extrapolation_weight = 1.0 - ramp;
+            interpolation * (1.0 - extrapolation_weight) + extrapolation * extrapolation_weight
+        })
+        .collect()
+}
+
+/// Whether `c` has gpt-oss's own rotary parameters, for which SPEC §4.3.3 gives the reference's
+/// exact frequencies.
+fn is_gpt_oss_rope(c: &Config) -> bool {
+    c.head_dim == 64
+        && c.rope_theta == 150000.0
+        && c.rope_scaling_factor == 32.0
+        && c.rope_beta_fast == 32.0
+        && c.rope_beta_slow == 1.0
+        && c.rope_original_max_position_embeddings == 4096
+        && !c.rope_truncate
+}
+
+/// SPEC §4.3.3: inv_freq of gpt-oss exactly as the reference computes it (its fp32 `pow` included),
+/// as fp32 bit patterns.
+#[rustfmt::skip]
+const GPT_OSS_INV_FREQ_BITS: [u32; 32] = [
+    0x3F800000, 0x3F306535, 0x3EF316A2, 0x3EA77FAA, 0x3E66D3FA, 0x3E1F0CFD,
+    0x3DDB2F9F, 0x3D970764, 0x3D502194, 0x3D01DDD5, 0x3C9E646F, 0x3C3DEC94,
+    0x3BDEA840, 0x3B7CFE14, 0x3B093803, 0x3A89F778, 0x39EF543C, 0x390799B9,
+    0x3820ADC6, 0x37DD6DFC, 0x37989328, 0x375242FA, 0x3710E12C, 0x36C7A82B,
+    0x3689928C, 0x363D9647, 0x3602A245, 0x35B40668, 0x35781728, 0x352AF200,
+    0x34EB93EB, 0x34A252D3,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SPEC §4.3.3's table of gpt-oss inv_freq, as fp32 bit patterns.
+    const SPEC_INV_FREQ: [&str; 32] = [
+        "0x1.000000p+0",
+        "0x1.60ca6ap-1",
+        "0x1.e62d44p-2",
+        "0x1.4eff54p-2",
+        "0x1.cda7f4p-3",
+        "0x1.3e19fap-3",
+        "0x1.b65f3ep-4",
+        "0x1.2e0ec8p-4",
+        "0x1.a04328p-5",
+        "0x1.03bbaap-5",
+        "0x1.3cc8dep-6",
+        "0x1.7bd928p-7",
+        "0x1.bd5080p-8",
+        "0x1.f9fc28p-9",
+        "0x1.127006p-9",
+        "0x1.13eef0p-10",
+        "0x1.dea878p-12",
+        "0x1.0f3372p-13",
+        "0x1.415b8cp-15",
+        "0x1.badbf8p-16",
+        "0x1.312650p-16",
+        "0x1.a485f4p-17",
+        "0x1.21c258p-17",
+        "0x1.8f5056p-18",
+        "0x1.132518p-18",
+        "0x1.7b2c8ep-19",
+        "0x1.05448ap-19",
+        "0x1.680cd0p-20",
+        "0x1.f02e50p-21",
+        "0x1.55e400p-21",
+        "0x1.d727d6p-22",
+        "0x1.44a5a6p-22",
+    ];
+
+    fn parse_hex_float(s: &str) -> f32 {
+        let (mantissa, exponent) = s.trim_start_matches("0x").split_once('p').unwrap();
+        let (int, frac) = mantissa.split_once('.').unwrap();
+        let bits = u32::from_str_radix(&format!("{int}{frac}"), 16).unwrap();
+        (bits as f64 / 16f64.powi(frac.len() as i32) * 2f64.powi(exponent.parse().unwrap())) as f32
+    }
+
+    fn gpt_oss_20b_config() -> Config {
+        Config::from_json_str(
+            r#"{"hidden_size":2880,"num_hidden_layers":24,"num_attention_heads":64,
+            "num_key_value_heads":8,"head_dim":64,"num_local_experts":32,"num_experts_per_tok":4,
+            "intermediate_size":2880,"sliding_window":128,"vocab_size":201088,"rope_theta":150000,
+            "rope_scaling":{"factor":32.0,"beta_fast":32.0,"beta_slow":1.0,
+            "original_max_position_embeddings":4096,"rope_type":"yarn","truncate":false},
+            "max_position_embeddings":131072,"swiglu_limit":7.0,"rms_norm_eps":1e-5}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn gpt_oss_inv_freq_is_the_spec_table_bit_for_bit() {
+        let rope = Rope::new(&gpt_oss_20b_config());
+        for (i, (got, want)) in rope.inv_freq.iter().zip(SPEC_INV_FREQ).enumerate() {
+            assert_eq!(
+                got.to_bits(),
+                parse_hex_float(want).to_bits(),
+                "inv_freq[{i}]: {got:e}"
+            );
+        }
+        assert_eq!(rope.concentration.to_bits(), 0x3FAC5C86);
+    }
+
+    #[test]
+    fn general_yarn_formula_is_within_an_ulp_of_the_reference() {
+        for (i, (got, want)) in yarn_inv_freq(&gpt_oss_20b_config())
+            .iter()
+            .zip(SPEC_INV_FREQ)
+            .enumerate()
+        {
+            let ulps = (got.to_bits() as i64 - parse_hex_float(want).to_bits() as i64).abs();
+            assert!(ulps <= 1, "inv_freq[{i}]: {got:e} is {ulps} ulps off");
+        }
+    }
+
+    #[test]
+    fn top_k_softmax_is_over_the_chosen_experts_only() {
+        let route = Route::top_k(&[0.5, 3.0, -1.0, 3.0, 2.0], 3);
+        assert_eq!(route.experts, vec![1, 3, 4]);
+        let e = (-1.0f32).exp();
+        let sum = 2.0 + e;
+        assert!((route.weights[0] - 1.0 / sum).abs() < 1e-7);
+        assert!((route.weights[2] - e / sum).abs() < 1e-7);
+    }
+
+    #[test]
+    fn swiglu_clamps_gate_above_only_and_adds_one_to_up() {
+        let z = swiglu(&[10.0, 10.0, -10.0, 0.0], 7.0);
+        let sig = |v: f32| 1.0 / (1.0 + (-1.702 * v).exp());
+        assert!((z[0] - 7.0 * sig(7.0) * 8.0).abs() < 1e-5);
+        assert!((z[1] - (-10.0 * sig(-10.0))).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,549 @@
+//! PyO3 bindings: the `gpt_oss_cpu._core` extension module. Heavy calls release the GIL; every
+//! engine error becomes one of the module's exception classes.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+use crate::config::{AttentionKind, Config, Layout};
+use crate::error::Error;
+use crate::kernels;
+use crate::model::Model;
+use crate::sampling::Sampler;
+use crate::session::Session;
+
+/// Exception classes, created at import so that some can also derive from `ValueError`.
+struct Exceptions {
+    base: Py<PyType>,
+    checkpoint: Py<PyType>,
+    config: Py<PyType>,
+    input: Py<PyType>,
+    context_overflow: Py<PyType>,
+}
+
+static EXCEPTIONS: PyOnceLock<Exceptions> = PyOnceLock::new();
+
+fn new_exception(
+    py: Python<'_>,
+    name: &str,
+    bases: Vec<Bound<'_, PyType>>,
+    doc: &str,
+) -> PyResult<Py<PyType>> {
+    let namespace = PyDict::new(py);
+    namespace.set_item("__doc__", doc)?;
+    namespace.set_item("__module__", "gpt_oss_cpu")?;
+    let class = py
+        .get_type::<PyType>()
+        .call1((name, PyTuple::new(py, bases)?, namespace))?;
+    Ok(class.cast_into::<PyType>()?.unbind())
+}
+
+fn exceptions(py: Python<'_>) -> PyResult<&Exceptions> {
+    EXCEPTIONS.get_or_try_init(py, || {
+        let base = new_exception(
+            py,
+            "GptOssError",
+            vec![py.get_type::<PyException>()],
+            "Base class of every error raised by gpt_oss_cpu.",
+        )?;
+        let sub = |name, value_error: bool, doc| {
+            let mut bases = vec![base.bind(py).clone()];
+            if value_error {
+                bases.push(py.get_type::<PyValueError>());
+            }
+            new_exception(py, name, bases, doc)
+        };
+        Ok::<_, PyErr>(Exceptions {
+            checkpoint: sub(
+                "CheckpointError",
+                false,
+                "A checkpoint file or tensor is missing, truncated, corrupt, misshaped or mistyped.",
+            )?,
+            config: sub(
+                "ConfigError",
+                true,
+                "config.json is missing, unreadable, or holds a value the engine cannot use.",
+            )?,
+            input: sub(
+                "InputError",
+                true,
+                "A call got bad arguments: token ids out of range, empty input, bad sizes.",
+            )?,
+            context_overflow: sub(
+                "ContextOverflowError",
+                false,
+                "Appending would exceed the session's max_context.",
+            )?,
+            base,
+        })
+    })
+}
+
+fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
+    let classes = match exceptions(py) {
+        Ok(classes) => classes,
+        Err(e) => return e,
+    };
+    let class = match &err {
+        Error::Checkpoint(_) => &classes.checkpoint,
+        Error::Config(_) => &classes.config,
+        Error::Input(_) => &classes.input,
+        Error::ContextOverflow(_) => &classes.context_overflow,
+    };
+    PyErr::from_type(class.bind(py).clone(), err.to_string())
+}
+
+fn input_error(py: Python<'_>, msg: String) -> PyErr {
+    to_py_err(py, Error::Input(msg))
+}
+
+/// Token ids from a 1-D int64 array, checked to fit u32 (range against the vocabulary is checked
+/// by the model).
+fn token_ids(py: Python<'_>, ids: &PyReadonlyArray1<'_, i64>) -> PyResult<Vec<u32>> {
+    let ids = ids.as_array();
+    ids.iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            u32::try_from(id).map_err(|_| {
+                input_error(
+                    py,
+                    format!("token id {id} at index {i} is not a valid token id"),
+                )
+            })
+        })
+        .collect()
+}
+
+fn position(py: Python<'_>, value: i64, name: &str) -> PyResult<usize> {
+    usize::try_from(value)
+        .map_err(|_| input_error(py, format!("{name} must be >= 0, found {value}")))
+}
+
+/// `[rows, cols]` float32 array from a row-major buffer.
+fn array2(
+    py: Python<'_>,
+    data: Vec<f32>,
+    cols: usize,
+) -> PyResult<Bound<'_, numpy::PyArray2<f32>>> {
+    let rows = data.len() / cols.max(1);
+    PyArray1::from_vec(py, data).reshape([rows, cols])
+}
+
+/// Model hyper-parameters read from config.json (Hugging Face or original/ keys).
+#[pyclass(module = "gpt_oss_cpu", name = "Config", frozen)]
+struct PyConfig {
+    inner: Config,
+}
+
+#[pymethods]
+impl PyConfig {
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size
+    }
+    #[getter]
+    fn hidden_size(&self) -> usize {
+        self.inner.hidden_size
+    }
+    #[getter]
+    fn num_hidden_layers(&self) -> usize {
+        self.inner.num_hidden_layers
+    }
+    #[getter]
+    fn num_attention_heads(&self) -> usize {
+        self.inner.num_attention_heads
+    }
+    #[getter]
+    fn num_key_value_heads(&self) -> usize {
+        self.inner.num_key_value_heads
+    }
+    #[getter]
+    fn head_dim(&self) -> usize {
+        self.inner.head_dim
+    }
+    #[getter]
+    fn num_local_experts(&self) -> usize {
+        self.inner.num_local_experts
+    }
+    #[getter]
+    fn num_experts_per_tok(&self) -> usize {
+        self.inner.num_experts_per_tok
+    }
+    #[getter]
+    fn intermediate_size(&self) -> usize {
+        self.inner.intermediate_size
+    }
+    #[getter]
+    fn sliding_window(&self) -> usize {
+        self.inner.sliding_window
+    }
+    #[getter]
+    fn layer_types(&self) -> Vec<&'static str> {
+        self.inner
+            .layer_types
+            .iter()
+            .map(|kind| match kind {
+                AttentionKind::Sliding => "sliding_attention",
+                AttentionKind::Full => "full_attention",
+            })
+            .collect()
+    }
+    #[getter]
+    fn rope_theta(&self) -> f64 {
+        self.inner.rope_theta
+    }
+    #[getter]
+    fn rope_scaling_factor(&self) -> f64 {
+        self.inner.rope_scaling_factor
+    }
+    #[getter]
+    fn rope_beta_fast(&self) -> f64 {
+        self.inner.rope_beta_fast
+    }
+    #[getter]
+    fn rope_beta_slow(&self) -> f64 {
+        self.inner.rope_beta_slow
+    }
+    #[getter]
+    fn rope_original_max_position_embeddings(&self) -> usize {
+        self.inner.rope_original_max_position_embeddings
+    }
+    #[getter]
+    fn rope_truncate(&self) -> bool {
+        self.inner.rope_truncate
+    }
+    #[getter]
+    fn swiglu_limit(&self) -> f32 {
+        self.inner.swiglu_limit
+    }
+    #[getter]
+    fn rms_norm_eps(&self) -> f32 {
+        self.inner.rms_norm_eps
+    }
+    #[getter]
+    fn max_position_embeddings(&self) -> usize {
+        self.inner.max_position_embeddings
+    }
+    #[getter]
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.inner.eos_token_ids.clone()
+    }
+
+    /// All fields as a plain dict.
+    fn to_dict<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(slf.py());
+        for name in FIELDS {
+            dict.set_item(name, slf.getattr(name)?)?;
+        }
+        Ok(dict)
+    }
+
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let c = &slf.get().inner;
+        Ok(format!(
+            "Config(layers={}, hidden={}, heads={}/{}, experts={} top-{}, vocab={})",
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.num_local_experts,
+            c.num_experts_per_tok,
+            c.vocab_size
+        ))
+    }
+}
+
+const FIELDS: [&str; 21] = [
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "intermediate_size",
+    "sliding_window",
+    "layer_types",
+    "rope_theta",
+    "rope_scaling_factor",
+    "rope_beta_fast",
+    "rope_beta_slow",
+    "rope_original_max_position_embeddings",
+    "rope_truncate",
+    "swiglu_limit",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "eos_token_ids",
+];
+
+/// A memory-mapped gpt-oss checkpoint and the thread pool that runs it.
+#[pyclass(module = "gpt_oss_cpu._core", name = "Engine", frozen)]
+struct PyEngine {
+    model: Arc<Model>,
+}
+
+#[pymethods]
+impl PyEngine {
+    #[staticmethod]
+    #[pyo3(signature = (path, threads=None))]
+    fn load(py: Python<'_>, path: PathBuf, threads: Option<usize>) -> PyResult<PyEngine> {
+        let model = py
+            .detach(|| Model::load(&path, threads))
+            .map_err(|e| to_py_err(py, e))?;
+        Ok(PyEngine {
+            model: Arc::new(model),
+        })
+    }
+
+    #[getter]
+    fn config(&self) -> PyConfig {
+        PyConfig {
+            inner: self.model.config.clone(),
+        }
+    }
+
+    #[getter]
+    fn layout(&self) -> &'static str {
+        match self.model.config.layout {
+            Layout::HuggingFace => "hf",
+            Layout::Original => "original",
+        }
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.model.dir.clone()
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.model.threads()
+    }
+
+    #[getter]
+    fn checkpoint_bytes(&self) -> u64 {
+        self.model.checkpoint_bytes
+    }
+
+    #[pyo3(signature = (ids, start_position=0))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'py, i64>,
+        start_position: i64,
+    ) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+        let tokens = token_ids(py, &ids)?;
+        let start = position(py, start_position, "start_position")?;
+        let logits = py
+            .detach(|| self.model.forward(&tokens, start))
+            .map_err(|e| to_py_err(py, e))?;
+        array2(py, logits, self.model.config.vocab_size)
+    }
+
+    /// Forward pass that also returns (router_topk_idx [L,T,k], router_topk_weights [L,T,k],
+    /// layer_outputs [L,T,hidden]) after the logits.
+    #[pyo3(signature = (ids, start_position=0))]
+    #[allow(clippy::type_complexity)]
+    fn trace<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'py, i64>,
+        start_position: i64,
+    ) -> PyResult<(
+        Bound<'py, numpy::PyArray2<f32>>,
+        Bound<'py, numpy::PyArray3<i32>>,
+        Bound<'py, numpy::PyArray3<f32>>,
+        Bound<'py, numpy::PyArray3<f32>>,
+    )> {
+        let tokens = token_ids(py, &ids)?;
+        let start = position(py, start_position, "start_position")?;
+        let (logits, trace) = py
+            .detach(|| self.model.trace(&tokens, start))
+            .map_err(|e| to_py_err(py, e))?;
+        let c = &self.model.config;
+        let (layers, t, k) = (c.num_hidden_layers, tokens.len(), c.num_experts_per_tok);
+        let idx: Vec<i32> = trace
+            .topk_idx
+            .concat()
+            .into_iter()
+            .map(|e| e as i32)
+            .collect();
+        Ok((
+            array2(py, logits, c.vocab_size)?,
+            PyArray1::from_vec(py, idx).reshape([layers, t, k])?,
+            PyArray1::from_vec(py, trace.topk_weights.concat()).reshape([layers, t, k])?,
+            PyArray1::from_vec(py, trace.layer_outputs.concat()).reshape([
+                layers,
+                t,
+                c.hidden_size,
+            ])?,
+        ))
+    }
+
+    fn session(&self, py: Python<'_>, max_context: i64) -> PyResult<PySession> {
+        let max_context = position(py, max_context, "max_context")?;
+        let session =
+            Session::new(Arc::clone(&self.model), max_context).map_err(|e| to_py_err(py, e))?;
+        Ok(PySession {
+            inner: Mutex::new(session),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Engine(path={:?}, layout={:?}, threads={})",
+            self.model.dir,
+            self.layout(),
+            self.threads()
+        )
+    }
+}
+
+/// Chooses the next token from logits: greedy at temperature 0, seeded sampling otherwise.
+#[pyclass(module = "gpt_oss_cpu", name = "Sampler")]
+struct PySampler {
+    inner: Sampler,
+}
+
+#[pymethods]
+impl PySampler {
+    #[new]
+    #[pyo3(signature = (temperature=1.0, top_p=1.0, seed=None))]
+    fn new(py: Python<'_>, temperature: f32, top_p: f32, seed: Option<u64>) -> PyResult<Self> {
+        let inner = Sampler::new(temperature, top_p, seed).map_err(|e| to_py_err(py, e))?;
+        Ok(PySampler { inner })
+    }
+
+    #[getter]
+    fn temperature(&self) -> f32 {
+        self.inner.temperature
+    }
+
+    #[getter]
+    fn top_p(&self) -> f32 {
+        self.inner.top_p
+    }
+
+    fn sample(&mut self, py: Python<'_>, logits: PyReadonlyArray1<'_, f32>) -> PyResult<u32> {
+        if logits.len()? == 0 {
+            return Err(input_error(py, "logits are empty".into()));
+        }
+        let logits = logits.as_array();
+        let logits: Vec<f32> = logits.iter().copied().collect();
+        Ok(self.inner.sample(&logits))
+    }
+}
+
+/// A KV cache bound to one Engine. Calls lock it after releasing the GIL, so concurrent use from
+/// several Python threads is serialised rather than deadlocked.
+#[pyclass(module = "gpt_oss_cpu._core", name = "Session", frozen)]
+struct PySession {
+    inner: Mutex<Session>,
+}
+
+impl PySession {
+    fn lock(&self) -> MutexGuard<'_, Session> {
+        // A panic cannot happen while the lock is held (no engine path panics), so a poisoned lock
+        // still guards a consistent session.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[pymethods]
+impl PySession {
+    #[getter]
+    fn position(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.lock().position())
+    }
+
+    #[getter]
+    fn max_context(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.lock().max_context())
+    }
+
+    #[getter]
+    fn tokens(&self, py: Python<'_>) -> Vec<u32> {
+        py.detach(|| self.lock().tokens().to_vec())
+    }
+
+    #[getter]
+    fn cache_bytes(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.lock().cache_bytes())
+    }
+
+    #[pyo3(signature = (ids, return_logits=true))]
+    fn append<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'py, i64>,
+        return_logits: bool,
+    ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+        let tokens = token_ids(py, &ids)?;
+        let logits = py
+            .detach(|| {
+                let mut session = self.lock();
+                let logits = session.append(&tokens)?;
+                Ok(return_logits.then(|| logits.to_vec()))
+            })
+            .map_err(|e| to_py_err(py, e))?;
+        Ok(logits.map(|l| PyArray1::from_vec(py, l)))
+    }
+
+    fn sample(&self, py: Python<'_>, sampler: &Bound<'_, PySampler>) -> PyResult<u32> {
+        let mut sampler = sampler.borrow_mut();
+        let sampler = &mut sampler.inner;
+        py.detach(|| self.lock().sample(sampler))
+            .map_err(|e| to_py_err(py, e))
+    }
+
+    fn truncate(&self, py: Python<'_>, n: i64) -> PyResult<()> {
+        let n = position(py, n, "n")?;
+        py.detach(|| self.lock().truncate(n))
+            .map_err(|e| to_py_err(py, e))
+    }
+
+    fn reset(&self, py: Python<'_>) {
+        py.detach(|| self.lock().reset())
+    }
+}
+
+/// Version, kernel instruction set and build details.
+#[pyfunction]
+fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let info = PyDict::new(py);
+    info.set_item("version", env!("CARGO_PKG_VERSION"))?;
+    info.set_item("isa", kernels::active_isa().name())?;
+    info.set_item("target_arch", std::env::consts::ARCH)?;
+    info.set_item("debug_assertions", cfg!(debug_assertions))?;
+    info.set_item(
+        "default_threads",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    )?;
+    Ok(info)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    let classes = exceptions(py)?;
+    m.add("GptOssError", classes.base.bind(py))?;
+    m.add("CheckpointError", classes.checkpoint.bind(py))?;
+    m.add("ConfigError", classes.config.bind(py))?;
+    m.add("InputError", classes.input.bind(py))?;
+    m.add("ContextOverflowError", classes.context_overflow.bind(py))?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<PyConfig>()?;
+    m.add_class::<PyEngine>()?;
+    m.add_class::<PySampler>()?;
+    m.add_class::<PySession>()?;
+    m.add_function(wrap_pyfunction!(build_info, m)?)?;
+    Ok(())
+}

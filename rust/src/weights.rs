@@ -1,0 +1,269 @@
+//! The model's parameters, typed and shape-checked, as views into the mapped checkpoint.
+//!
+//! Large matrices stay where they are in the file: bf16 matrices as `u16` bit patterns, MXFP4 experts
+//! as packed nibbles and E8M0 scales (SPEC §3). Only the small vectors (norm scales, biases, sinks) are
+//! converted to f32 once, at load.
+
+use safetensors::Dtype;
+
+use crate::checkpoint::{Checkpoint, TensorBytes};
+use crate::config::{Config, Layout, MXFP4_BLOCK};
+use crate::error::Result;
+
+/// A row-major `[rows, cols]` bf16 matrix in the `nn.Linear` orientation `[out, in]`.
+pub struct Bf16Matrix {
+    bytes: TensorBytes,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Bf16Matrix {
+    /// The raw bf16 bit patterns. Alignment was checked by [`Checkpoint::take`].
+    pub fn data(&self) -> &[u16] {
+        bytemuck::cast_slice(&self.bytes)
+    }
+
+    pub fn row(&self, r: usize) -> &[u16] {
+        &self.data()[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// `y = x·Wᵀ + b`.
+pub struct Linear {
+    pub weight: Bf16Matrix,
+    pub bias: Vec<f32>,
+}
+
+/// One projection of every expert of a layer, MXFP4-packed: logical shape `[experts, rows, cols]`.
+pub struct Mxfp4Experts {
+    /// `[experts, rows, cols / 32, 16]`: byte j of a block holds element 2j (low nibble) and 2j+1.
+    blocks: TensorBytes,
+    /// `[experts, rows, cols / 32]`: E8M0 exponents.
+    scales: TensorBytes,
+    /// `[experts, rows]`.
+    pub bias: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Mxfp4Experts {
+    /// The packed blocks and scales of one expert's `[rows, cols]` matrix.
+    pub fn expert(&self, e: usize) -> (&[u8], &[u8]) {
+        let block_bytes = self.rows * self.cols / 2;
+        let scale_bytes = self.rows * self.cols / MXFP4_BLOCK;
+        (
+            &self.blocks[e * block_bytes..(e + 1) * block_bytes],
+            &self.scales[e * scale_bytes..(e + 1) * scale_bytes],
+        )
+    }
+
+    pub fn expert_bias(&self, e: usize) -> &[f32] {
+        &self.bias[e * self.rows..(e + 1) * self.rows]
+    }
+}
+
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    /// One logit per query head, added to the softmax denominator (SPEC §4.3.4).
+    pub sinks: Vec<f32>,
+    pub mlp_norm: Vec<f32>,
+    pub router: Linear,
+    /// Rows interleave gate (even) and up (odd) of each intermediate unit (SPEC §2.4).
+    pub gate_up: Mxfp4Experts,
+    pub down: Mxfp4Experts,
+}
+
+pub struct Weights {
+    pub embedding: Bf16Matrix,
+    pub layers: Vec<LayerWeights>,
+    pub final_norm: Vec<f32>,
+    pub unembedding: Bf16Matrix,
+}
+
+/// Tensor names of one layout (SPEC §2.2 and §2.3).
+struct Names {
+    layout: Layout,
+}
+
+impl Names {
+    fn global(&self, hf: &str, original: &str) -> String {
+        match self.layout {
+            Layout::HuggingFace => hf.to_string(),
+            Layout::Original => original.to_string(),
+        }
+    }
+
+    fn layer(&self, l: usize, hf: &str, original: &str) -> String {
+        match self.layout {
+            Layout::HuggingFace => format!("model.layers.{l}.{hf}"),
+            Layout::Original => format!("block.{l}.{original}"),
+        }
+    }
+}
+
+impl Weights {
+    pub fn load(checkpoint: &mut Checkpoint, config: &Config) -> Result<Self> {
+        let names = Names {
+            layout: config.layout,
+        };
+        let d = config.hidden_size;
+        let vocab = config.vocab_size;
+        let embedding = matrix(
+            checkpoint,
+            &names.global("model.embed_tokens.weight", "embedding.weight"),
+            vocab,
+            d,
+        )?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| load_layer(checkpoint, config, &names, l))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = vector(
+            checkpoint,
+            &names.global("model.norm.weight", "norm.scale"),
+            d,
+        )?;
+        let unembedding = matrix(
+            checkpoint,
+            &names.global("lm_head.weight", "unembedding.weight"),
+            vocab,
+            d,
+        )?;
+        Ok(Weights {
+            embedding,
+            layers,
+            final_norm,
+            unembedding,
+        })
+    }
+}
+
+fn load_layer(ck: &mut Checkpoint, c: &Config, names: &Names, l: usize) -> Result<LayerWeights> {
+    let d = c.hidden_size;
+    let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+    let name = |hf: &str, original: &str| names.layer(l, hf, original);
+    let (q, k, v) = match c.layout {
+        Layout::HuggingFace => (
+            linear(ck, &name("self_attn.q_proj", ""), q_dim, d)?,
+            linear(ck, &name("self_attn.k_proj", ""), kv_dim, d)?,
+            linear(ck, &name("self_attn.v_proj", ""), kv_dim, d)?,
+        ),
+        Layout::Original => split_qkv(ck, &name("", "attn.qkv"), q_dim, kv_dim, d)?,
+    };
+    let experts = c.num_local_experts;
+    let inter = c.intermediate_size;
+    Ok(LayerWeights {
+        attn_norm: vector(ck, &name("input_layernorm.weight", "attn.norm.scale"), d)?,
+        q,
+        k,
+        v,
+        o: linear(ck, &name("self_attn.o_proj", "attn.out"), d, q_dim)?,
+        sinks: vector(
+            ck,
+            &name("self_attn.sinks", "attn.sinks"),
+            c.num_attention_heads,
+        )?,
+        mlp_norm: vector(
+            ck,
+            &name("post_attention_layernorm.weight", "mlp.norm.scale"),
+            d,
+        )?,
+        router: linear(ck, &name("mlp.router", "mlp.gate"), experts, d)?,
+        gate_up: mxfp4(
+            ck,
+            [
+                &name("mlp.experts.gate_up_proj_blocks", "mlp.mlp1_weight.blocks"),
+                &name("mlp.experts.gate_up_proj_scales", "mlp.mlp1_weight.scales"),
+                &name("mlp.experts.gate_up_proj_bias", "mlp.mlp1_bias"),
+            ],
+            experts,
+            2 * inter,
+            d,
+        )?,
+        down: mxfp4(
+            ck,
+            [
+                &name("mlp.experts.down_proj_blocks", "mlp.mlp2_weight.blocks"),
+                &name("mlp.experts.down_proj_scales", "mlp.mlp2_weight.scales"),
+                &name("mlp.experts.down_proj_bias", "mlp.mlp2_bias"),
+            ],
+            experts,
+            d,
+            inter,
+        )?,
+    })
+}
+
+fn matrix(ck: &mut Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Bf16Matrix> {
+    let bytes = ck.take(name, Dtype::BF16, &[rows, cols])?;
+    Ok(Bf16Matrix { bytes, rows, cols })
+}
+
+fn vector(ck: &mut Checkpoint, name: &str, len: usize) -> Result<Vec<f32>> {
+    let bytes = ck.take(name, Dtype::BF16, &[len])?;
+    Ok(bf16_to_f32_vec(&bytes))
+}
+
+fn linear(ck: &mut Checkpoint, prefix: &str, rows: usize, cols: usize) -> Result<Linear> {
+    Ok(Linear {
+        weight: matrix(ck, &format!("{prefix}.weight"), rows, cols)?,
+        bias: vector(ck, &format!("{prefix}.bias"), rows)?,
+    })
+}
+
+/// The original layout fuses q, k and v row-wise as Q|K|V (SPEC §2.4); split it without copying.
+fn split_qkv(
+    ck: &mut Checkpoint,
+    prefix: &str,
+    q_dim: usize,
+    kv_dim: usize,
+    cols: usize,
+) -> Result<(Linear, Linear, Linear)> {
+    let fused = matrix(ck, &format!("{prefix}.weight"), q_dim + 2 * kv_dim, cols)?;
+    let bias = vector(ck, &format!("{prefix}.bias"), q_dim + 2 * kv_dim)?;
+    let part = |start: usize, rows: usize| Linear {
+        weight: Bf16Matrix {
+            bytes: fused
+                .bytes
+                .slice(start * cols * 2..(start + rows) * cols * 2),
+            rows,
+            cols,
+        },
+        bias: bias[start..start + rows].to_vec(),
+    };
+    Ok((
+        part(0, q_dim),
+        part(q_dim, kv_dim),
+        part(q_dim + kv_dim, kv_dim),
+    ))
+}
+
+fn mxfp4(
+    ck: &mut Checkpoint,
+    [blocks, scales, bias]: [&str; 3],
+    experts: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<Mxfp4Experts> {
+    let groups = cols / MXFP4_BLOCK;
+    let blocks = ck.take(blocks, Dtype::U8, &[experts, rows, groups, MXFP4_BLOCK / 2])?;
+    let scales = ck.take(scales, Dtype::U8, &[experts, rows, groups])?;
+    let bias = ck.take(bias, Dtype::BF16, &[experts, rows])?;
+    Ok(Mxfp4Experts {
+        blocks,
+        scales,
+        bias: bf16_to_f32_vec(&bias),
+        rows,
+        cols,
+    })
+}
+
+fn bf16_to_f32_vec(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect()
+}
