@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -73,19 +73,27 @@ class Model:
         self._tokenizer: Tokenizer | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, threads: int | None = None) -> Model:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        isa: Literal["scalar", "avx2", "avx512"] | None = None,
+    ) -> Model:
         """Maps a checkpoint directory and checks every tensor's name, dtype and shape.
 
         Args:
             path: a Hugging Face layout directory (``config.json`` and ``model.safetensors`` or
                 shards with ``model.safetensors.index.json``), or an ``original/`` layout directory.
             threads: compute threads (default: one per available CPU).
+            isa: kernel instruction set (default: the best this CPU has, or the environment
+                variable ``GPT_OSS_CPU_ISA``). ``"scalar"`` is the portable reference.
 
         Raises:
             CheckpointError: a file or tensor is missing, truncated, corrupt, misshaped or mistyped.
             ConfigError: ``config.json`` is missing or invalid.
         """
-        return cls(_core.Engine.load(os.fspath(path), threads))
+        return cls(_core.Engine.load(os.fspath(path), threads, isa))
 
     @property
     def config(self) -> Config:
@@ -106,6 +114,16 @@ class Model:
     def threads(self) -> int:
         """Size of this model's compute thread pool."""
         return self._engine.threads
+
+    @property
+    def isa(self) -> str:
+        """Instruction set of the matrix kernels: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+        return self._engine.isa
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """Bytes of tensor data in the checkpoint."""
+        return self._engine.checkpoint_bytes
 
     @property
     def tokenizer(self) -> Tokenizer:

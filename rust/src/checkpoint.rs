@@ -96,7 +96,8 @@ impl Checkpoint {
         for file in &files {
             let map = Arc::new(map_file(file)?);
             let parsed = SafeTensors::deserialize(&map).map_err(|e| {
-                Error::checkpoint(file, format!("not a valid safetensors file: {e}"))
+                let detail = describe_bad_tensor(&map).unwrap_or_else(|| e.to_string());
+                Error::checkpoint(file, format!("not a valid safetensors file: {detail}"))
             })?;
             for (name, view) in parsed.iter() {
                 // The view borrows from `map`, so this is its offset in the file.
@@ -161,7 +162,7 @@ impl Checkpoint {
             ));
         }
         // The kernels read bf16 in place as u16; the safetensors writers pad headers to 8 bytes.
-        if dtype == Dtype::BF16 && (entry.bytes.as_ptr() as usize) % 2 != 0 {
+        if dtype == Dtype::BF16 && !(entry.bytes.as_ptr() as usize).is_multiple_of(2) {
             return Err(Error::checkpoint(
                 &entry.file,
                 format!("tensor '{name}': bf16 data is not 2-byte aligned (header not padded)"),
@@ -204,6 +205,27 @@ fn map_file(path: &Path) -> Result<Mmap> {
     // rely on the checkpoint not being truncated or rewritten while it is loaded; all offsets into it
     // are validated against its length before use.
     unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, &e))
+}
+
+/// Names the tensor whose size disagrees with its offsets, which the `safetensors` crate's
+/// `TensorInvalidInfo` error leaves out. `None` when the header itself is unreadable.
+fn describe_bad_tensor(file: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(file.get(..8)?.try_into().ok()?);
+    let header = file.get(8..8usize.checked_add(usize::try_from(n).ok()?)?)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    header.iter().filter(|(name, _)| *name != "__metadata__").find_map(|(name, info)| {
+        let dtype: Dtype = serde_json::from_value(info.get("dtype")?.clone()).ok()?;
+        let shape: Vec<usize> = serde_json::from_value(info.get("shape")?.clone()).ok()?;
+        let offsets: (usize, usize) = serde_json::from_value(info.get("data_offsets")?.clone()).ok()?;
+        let elements = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        let expected = elements.checked_mul(dtype.bitsize())? / 8;
+        let found = offsets.1.checked_sub(offsets.0)?;
+        (expected != found).then(|| {
+            format!(
+                "tensor '{name}': {dtype:?} {shape:?} needs {expected} bytes, its offsets span {found}"
+            )
+        })
+    })
 }
 
 fn read_index(path: &Path) -> Result<HashMap<String, String>> {

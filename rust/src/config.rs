@@ -235,7 +235,10 @@ impl Config {
             }
         }
         let bad = |msg: String| Err(Error::Config(msg));
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
@@ -247,7 +250,7 @@ impl Config {
                 self.num_experts_per_tok, self.num_local_experts
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim must be even for RoPE, found {}",
                 self.head_dim
@@ -257,7 +260,7 @@ impl Config {
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
         ] {
-            if value % MXFP4_BLOCK != 0 {
+            if !value.is_multiple_of(MXFP4_BLOCK) {
                 return bad(format!(
                     "{name}: expected a multiple of the MXFP4 block size {MXFP4_BLOCK}, found {value}"
                 ));

@@ -3,6 +3,7 @@
 //! [`model`] holds the forward pass as SPEC.md describes it; [`kernels`] the fast matrix kernels
 //! behind one interface; [`checkpoint`] and [`weights`] map the safetensors files without copying.
 
+pub mod bandwidth;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

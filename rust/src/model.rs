@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kernels::{self, scalar::bf16_to_f32};
+use crate::kernels::{self, scalar::bf16_to_f32, Isa};
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::weights::{LayerWeights, Linear, Mxfp4Experts, Weights};
 
@@ -23,6 +23,8 @@ pub struct Model {
     pub dir: PathBuf,
     /// Bytes of tensor data in the checkpoint (what decoding may read).
     pub checkpoint_bytes: u64,
+    /// Instruction set of the matrix kernels.
+    pub isa: Isa,
     weights: Weights,
     rope: Rope,
     pool: rayon::ThreadPool,
@@ -49,7 +51,18 @@ pub struct Trace {
 
 impl Model {
     /// Maps a checkpoint directory (Hugging Face or `original/` layout) and checks every tensor.
-    pub fn load(dir: &Path, threads: Option<usize>) -> Result<Model> {
+    /// `isa` defaults to the best this CPU supports (or `GPT_OSS_CPU_ISA`).
+    pub fn load(dir: &Path, threads: Option<usize>, isa: Option<Isa>) -> Result<Model> {
+        let isa = match isa {
+            Some(isa) if !isa.is_supported() => {
+                return Err(Error::Input(format!(
+                    "this CPU does not support {}",
+                    isa.name()
+                )))
+            }
+            Some(isa) => isa,
+            None => kernels::default_isa().map_err(Error::Input)?,
+        };
         if !dir.is_dir() {
             return Err(Error::Checkpoint(format!(
                 "{}: not a directory (expected a checkpoint directory with config.json)",
@@ -76,6 +89,7 @@ impl Model {
             config,
             dir: dir.to_path_buf(),
             checkpoint_bytes,
+            isa,
             weights,
             pool,
         })
@@ -218,6 +232,7 @@ impl Model {
         let unembedding = &self.weights.unembedding;
         let mut logits = vec![0f32; h.len() / d * c.vocab_size];
         kernels::matmul_bf16(
+            self.isa,
             &h,
             unembedding.data(),
             unembedding.rows,
@@ -240,9 +255,9 @@ impl Model {
     ) {
         let c = &self.config;
         let t = rms_norm(x, &layer.attn_norm, c.rms_norm_eps);
-        let mut q = linear(&t, &layer.q);
-        let mut k = linear(&t, &layer.k);
-        let v = linear(&t, &layer.v);
+        let mut q = linear(self.isa, &t, &layer.q);
+        let mut k = linear(self.isa, &t, &layer.k);
+        let v = linear(self.isa, &t, &layer.v);
         self.rope.apply(&mut q, rope, c.head_dim);
         self.rope.apply(&mut k, rope, c.head_dim);
 
@@ -262,7 +277,7 @@ impl Model {
         attend(&q, &keys, &layer.sinks, heads, window, &mut attn);
         cache.store(first, &k, &v);
 
-        let y = linear(&attn, &layer.o);
+        let y = linear(self.isa, &attn, &layer.o);
         add_assign(x, &y);
     }
 
@@ -272,7 +287,7 @@ impl Model {
         let c = &self.config;
         let d = c.hidden_size;
         let t = rms_norm(x, &layer.mlp_norm, c.rms_norm_eps);
-        let router_logits = linear(&t, &layer.router);
+        let router_logits = linear(self.isa, &t, &layer.router);
         let routes: Vec<Route> = router_logits
             .chunks_exact(c.num_local_experts)
             .map(|logits| Route::top_k(logits, c.num_experts_per_tok))
@@ -294,9 +309,9 @@ impl Model {
                 .flat_map(|&(token, _)| &t[token * d..(token + 1) * d])
                 .copied()
                 .collect();
-            let h = expert_linear(&xe, &layer.gate_up, e);
+            let h = expert_linear(self.isa, &xe, &layer.gate_up, e);
             let z = swiglu(&h, c.swiglu_limit);
-            let out = expert_linear(&z, &layer.down, e);
+            let out = expert_linear(self.isa, &z, &layer.down, e);
             for (&(token, w), out_row) in assigned.iter().zip(out.chunks_exact(d)) {
                 for (yi, &o) in y[token * d..(token + 1) * d].iter_mut().zip(out_row) {
                     *yi += w * o;
@@ -323,18 +338,19 @@ fn rms_norm(x: &[f32], scale: &[f32], eps: f32) -> Vec<f32> {
 }
 
 /// `x·Wᵀ + b` for every row of `x`.
-fn linear(x: &[f32], layer: &Linear) -> Vec<f32> {
+fn linear(isa: Isa, x: &[f32], layer: &Linear) -> Vec<f32> {
     let w = &layer.weight;
     let mut y = vec![0f32; x.len() / w.cols * w.rows];
-    kernels::matmul_bf16(x, w.data(), w.rows, w.cols, Some(&layer.bias), &mut y);
+    kernels::matmul_bf16(isa, x, w.data(), w.rows, w.cols, Some(&layer.bias), &mut y);
     y
 }
 
 /// One expert's MXFP4 projection of every row of `x`, plus that expert's bias.
-fn expert_linear(x: &[f32], experts: &Mxfp4Experts, e: usize) -> Vec<f32> {
+fn expert_linear(isa: Isa, x: &[f32], experts: &Mxfp4Experts, e: usize) -> Vec<f32> {
     let (blocks, scales) = experts.expert(e);
     let mut y = vec![0f32; x.len() / experts.cols * experts.rows];
     kernels::matmul_mxfp4(
+        isa,
         x,
         blocks,
         scales,

@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 
 use crate::config::{AttentionKind, Config, Layout};
 use crate::error::Error;
-use crate::kernels;
+use crate::kernels::{self, Isa};
 use crate::model::Model;
 use crate::sampling::Sampler;
 use crate::session::Session;
@@ -291,10 +291,26 @@ struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (path, threads=None))]
-    fn load(py: Python<'_>, path: PathBuf, threads: Option<usize>) -> PyResult<PyEngine> {
+    #[pyo3(signature = (path, threads=None, isa=None))]
+    fn load(
+        py: Python<'_>,
+        path: PathBuf,
+        threads: Option<usize>,
+        isa: Option<&str>,
+    ) -> PyResult<PyEngine> {
+        let isa = match isa {
+            None => None,
+            Some(name) => Some(Isa::ALL.into_iter().find(|i| i.name() == name).ok_or_else(
+                || {
+                    input_error(
+                        py,
+                        format!("isa: expected one of scalar, avx2, avx512, found {name:?}"),
+                    )
+                },
+            )?),
+        };
         let model = py
-            .detach(|| Model::load(&path, threads))
+            .detach(|| Model::load(&path, threads, isa))
             .map_err(|e| to_py_err(py, e))?;
         Ok(PyEngine {
             model: Arc::new(model),
@@ -324,6 +340,11 @@ impl PyEngine {
     #[getter]
     fn threads(&self) -> usize {
         self.model.threads()
+    }
+
+    #[getter]
+    fn isa(&self) -> &'static str {
+        self.model.isa.name()
     }
 
     #[getter]
@@ -515,12 +536,36 @@ impl PySession {
     }
 }
 
+/// Read bandwidth of this machine in bytes per second (best of `repeats` passes over `size_bytes`).
+#[pyfunction]
+#[pyo3(signature = (size_bytes=1 << 30, threads=None, repeats=5))]
+fn measure_read_bandwidth(
+    py: Python<'_>,
+    size_bytes: usize,
+    threads: Option<usize>,
+    repeats: usize,
+) -> PyResult<f64> {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    py.detach(|| crate::bandwidth::measure_read_bandwidth(size_bytes, threads, repeats))
+        .map_err(|msg| input_error(py, msg))
+}
+
 /// Version, kernel instruction set and build details.
 #[pyfunction]
 fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let info = PyDict::new(py);
     info.set_item("version", env!("CARGO_PKG_VERSION"))?;
-    info.set_item("isa", kernels::active_isa().name())?;
+    match kernels::default_isa() {
+        Ok(isa) => info.set_item("isa", isa.name())?,
+        Err(msg) => info.set_item("isa_error", msg)?,
+    }
+    let supported: Vec<&str> = Isa::ALL
+        .into_iter()
+        .filter(|i| i.is_supported())
+        .map(Isa::name)
+        .collect();
+    info.set_item("supported_isas", supported)?;
     info.set_item("target_arch", std::env::consts::ARCH)?;
     info.set_item("debug_assertions", cfg!(debug_assertions))?;
     info.set_item(
@@ -545,5 +590,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySampler>()?;
     m.add_class::<PySession>()?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
+    m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
     Ok(())
 }

@@ -59,7 +59,13 @@ impl Session {
     /// Keeps the first `n` tokens. The logits of the last append are dropped unless `n` keeps
     /// everything.
     pub fn truncate(&mut self, n: usize) -> Result<()> {
-        if n >= self.cache.len() {
+        if n > self.cache.len() {
+            return Err(Error::Input(format!(
+                "cannot truncate to {n} tokens: the session holds {}",
+                self.cache.len()
+            )));
+        }
+        if n == self.cache.len() {
             return Ok(());
         }
         self.last_logits = None;

@@ -1,52 +1,94 @@
 //! The compute kernels behind one narrow interface: matrix × activations for bf16 and MXFP4 weights.
 //!
-//! Each instruction set lives in its own file and provides the same row-dot functions; [`Isa`] picks
-//! one at run time. The scalar kernels are the oracle every SIMD kernel is tested against. The
-//! matmul drivers here split output rows over the current rayon pool.
+//! Each instruction set lives in its own file (`scalar.rs`, `avx2.rs`, `avx512.rs`) and provides
+//! the same two functions, `matmul_bf16` and `matmul_mxfp4`, over a block of output rows; [`Isa`]
+//! picks one at run time (never at build time, so one wheel runs on any x86-64). The scalar kernels
+//! are the oracle every SIMD kernel is tested against. The drivers here split output rows over the
+//! current rayon pool.
 
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod scalar;
+
+/// Bytes of one packed MXFP4 block (32 four-bit codes).
+pub const MXFP4_BLOCK_BYTES: usize = 16;
+
+/// Environment variable that forces an instruction set (for tests and benchmarks).
+pub const ISA_ENV: &str = "GPT_OSS_CPU_ISA";
 
 /// Instruction set of the kernels in use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
+    Avx2,
+    Avx512,
 }
 
 impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the kernels of `self`.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The best supported instruction set, or the one `GPT_OSS_CPU_ISA` names.
+    fn select() -> Result<Isa, String> {
+        match std::env::var(ISA_ENV) {
+            Ok(name) if !name.is_empty() => {
+                let isa = Isa::ALL
+                    .into_iter()
+                    .find(|i| i.name() == name)
+                    .ok_or_else(|| {
+                        format!("{ISA_ENV}={name}: expected one of scalar, avx2, avx512")
+                    })?;
+                if isa.is_supported() {
+                    Ok(isa)
+                } else {
+                    Err(format!(
+                        "{ISA_ENV}={name}: this CPU does not support {name}"
+                    ))
+                }
+            }
+            _ => Ok(Isa::ALL
+                .into_iter()
+                .rev()
+                .find(|i| i.is_supported())
+                .unwrap_or(Isa::Scalar)),
         }
     }
 }
 
-/// The row kernels of one instruction set.
-struct Kernels {
-    isa: Isa,
-    /// `Σ x[i] · bf16(w[i])`.
-    dot_bf16: fn(&[f32], &[u16]) -> f32,
-    /// `Σ x[i] · mxfp4(blocks, scales)[i]` over one packed row.
-    dot_mxfp4: fn(&[f32], &[u8], &[u8]) -> f32,
-}
-
-static SCALAR: Kernels = Kernels {
-    isa: Isa::Scalar,
-    dot_bf16: scalar::dot_bf16,
-    dot_mxfp4: scalar::dot_mxfp4,
-};
-
-fn kernels() -> &'static Kernels {
-    static ACTIVE: OnceLock<&'static Kernels> = OnceLock::new();
-    ACTIVE.get_or_init(|| &SCALAR)
-}
-
-/// The instruction set the kernels use in this process.
-pub fn active_isa() -> Isa {
-    kernels().isa
+/// The instruction set models use unless told otherwise: chosen once, at first use.
+pub fn default_isa() -> Result<Isa, String> {
+    static DEFAULT: OnceLock<Result<Isa, String>> = OnceLock::new();
+    DEFAULT.get_or_init(Isa::select).clone()
 }
 
 /// Output rows per parallel task: enough work to amortise scheduling, few enough to balance.
@@ -55,6 +97,7 @@ const ROWS_PER_TASK: usize = 64;
 /// `y[t, r] = Σ_c x[t, c] · W[r, c] + bias[r]` with `W` a bf16 `[rows, cols]` matrix.
 /// `x` is `[tokens, cols]`, `y` is `[tokens, rows]`.
 pub fn matmul_bf16(
+    isa: Isa,
     x: &[f32],
     w: &[u16],
     rows: usize,
@@ -62,15 +105,28 @@ pub fn matmul_bf16(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let dot = kernels().dot_bf16;
-    matmul_rows(x, cols, rows, bias, y, |r, xt| {
-        dot(xt, &w[r * cols..(r + 1) * cols])
+    let tokens = x.len() / cols;
+    matmul_rows(tokens, rows, bias, y, |first, out| {
+        let w = &w[first * cols..(first + out.len() / tokens) * cols];
+        match isa {
+            Isa::Scalar => scalar::matmul_bf16(x, tokens, w, cols, out),
+            // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`, and the
+            // slices have the shapes the kernel documents.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::matmul_bf16(x, tokens, w, cols, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::matmul_bf16(x, tokens, w, cols, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => scalar::matmul_bf16(x, tokens, w, cols, out),
+        }
     });
 }
 
 /// As [`matmul_bf16`] for one MXFP4 matrix given as packed `blocks` (`cols / 2` bytes a row) and
 /// E8M0 `scales` (`cols / 32` bytes a row).
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_mxfp4(
+    isa: Isa,
     x: &[f32],
     blocks: &[u8],
     scales: &[u8],
@@ -79,47 +135,272 @@ pub fn matmul_mxfp4(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let dot = kernels().dot_mxfp4;
+    let tokens = x.len() / cols;
     let (row_bytes, row_scales) = (cols / 2, cols / 32);
-    matmul_rows(x, cols, rows, bias, y, |r, xt| {
-        dot(
-            xt,
-            &blocks[r * row_bytes..(r + 1) * row_bytes],
-            &scales[r * row_scales..(r + 1) * row_scales],
-        )
+    let simd_x;
+    let x_for_simd = if isa == Isa::Scalar {
+        x
+    } else {
+        simd_x = deinterleave_pairs(x);
+        &simd_x
+    };
+    matmul_rows(tokens, rows, bias, y, |first, out| {
+        let n = out.len() / tokens;
+        let blocks = &blocks[first * row_bytes..(first + n) * row_bytes];
+        let scales = &scales[first * row_scales..(first + n) * row_scales];
+        match isa {
+            Isa::Scalar => scalar::matmul_mxfp4(x, tokens, blocks, scales, cols, out),
+            // SAFETY: as in `matmul_bf16`; `cols` is a multiple of 32 (checked by `Config`).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe {
+                avx2::matmul_mxfp4(x_for_simd, tokens, blocks, scales, cols, out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe {
+                avx512::matmul_mxfp4(x_for_simd, tokens, blocks, scales, cols, out)
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => scalar::matmul_mxfp4(x_for_simd, tokens, blocks, scales, cols, out),
+        }
     });
 }
 
-/// Runs `dot(row, x_t)` for every output row and token, rows split across threads. Rows are the
-/// outer loop so each weight row is read from memory once and reused from cache for every token.
+/// Reorders each 32-value block to its 16 even then 16 odd values, matching the low and high
+/// nibbles of an MXFP4 block (SPEC §3.3) so SIMD kernels read both as contiguous vectors.
+pub fn deinterleave_pairs(x: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (src, dst) in x.chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+        for j in 0..16 {
+            dst[j] = src[2 * j];
+            dst[16 + j] = src[2 * j + 1];
+        }
+    }
+    out
+}
+
+/// Splits the output rows over the current rayon pool. `kernel(first_row, out)` fills `out`, the
+/// `[n, tokens]` results of rows `first_row..first_row + n`; they are transposed into `y`
+/// (`[tokens, rows]`) with the bias added.
 fn matmul_rows(
-    x: &[f32],
-    cols: usize,
+    tokens: usize,
     rows: usize,
     bias: Option<&[f32]>,
     y: &mut [f32],
-    dot: impl Fn(usize, &[f32]) -> f32 + Sync,
+    kernel: impl Fn(usize, &mut [f32]) + Sync,
 ) {
-    let tokens = x.len() / cols;
-    debug_assert_eq!(x.len(), tokens * cols);
     debug_assert_eq!(y.len(), tokens * rows);
-    let mut out = vec![0f32; tokens * rows];
-    // Compute into a [rows, tokens] buffer so each task owns a contiguous block, then transpose.
-    out.par_chunks_mut(ROWS_PER_TASK * tokens)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let first = task * ROWS_PER_TASK;
-            for (i, row_out) in chunk.chunks_mut(tokens).enumerate() {
-                let r = first + i;
-                let b = bias.map_or(0.0, |b| b[r]);
-                for (t, o) in row_out.iter_mut().enumerate() {
-                    *o = dot(r, &x[t * cols..(t + 1) * cols]) + b;
-                }
+    let task = |(i, out): (usize, &mut [f32])| kernel(i * ROWS_PER_TASK, out);
+    if tokens == 1 {
+        // [rows, 1] is already the layout of y.
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
+    } else {
+        let mut by_row = vec![0f32; tokens * rows];
+        by_row
+            .par_chunks_mut(ROWS_PER_TASK * tokens)
+            .enumerate()
+            .for_each(task);
+        for (r, row) in by_row.chunks_exact(tokens).enumerate() {
+            for (t, &v) in row.iter().enumerate() {
+                y[t * rows + r] = v;
             }
-        });
-    for t in 0..tokens {
-        for r in 0..rows {
-            y[t * rows + r] = out[r * tokens + t];
+        }
+    }
+    if let Some(bias) = bias {
+        for row in y.chunks_exact_mut(rows) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+    }
+}
+
+/// Visits `out` (`[rows, tokens]`) in register tiles of up to 4 rows × 4 tokens, binding the tile's
+/// first row and token and its const sizes `R` and `T` for the body.
+macro_rules! for_each_tile {
+    ($out:expr, $tokens:expr, |$r0:ident, $t0:ident, $R:ident, $T:ident| $body:expr) => {{
+        let tokens: usize = $tokens;
+        let rows = $out.len() / tokens;
+        let mut $r0 = 0;
+        while $r0 < rows {
+            let row_count = (rows - $r0).min(4);
+            let mut $t0 = 0;
+            while $t0 < tokens {
+                let token_count = (tokens - $t0).min(4);
+                $crate::kernels::tile_sizes!((row_count, token_count), $R, $T, $body);
+                $t0 += token_count;
+            }
+            $r0 += row_count;
+        }
+    }};
+}
+pub(crate) use for_each_tile;
+
+/// Turns run-time tile sizes (each 1 to 4) into the const generics `R` and `T`.
+macro_rules! tile_sizes {
+    ($sizes:expr, $R:ident, $T:ident, $body:expr) => {
+        $crate::kernels::tile_sizes!(@rows $sizes, $R, $T, $body, [1 2 3 4])
+    };
+    (@rows $sizes:expr, $R:ident, $T:ident, $body:expr, [$($r:literal)*]) => {
+        match $sizes {
+            $( ($r, t) => $crate::kernels::tile_sizes!(@tokens t, $r, $R, $T, $body, [1 2 3 4]), )*
+            _ => unreachable!("tiles are 1 to 4 rows"),
+        }
+    };
+    (@tokens $t:expr, $r:literal, $R:ident, $T:ident, $body:expr, [$($tl:literal)*]) => {
+        match $t {
+            $( $tl => {
+                const $R: usize = $r;
+                const $T: usize = $tl;
+                $body
+            } )*
+            _ => unreachable!("tiles are 1 to 4 tokens"),
+        }
+    };
+}
+pub(crate) use tile_sizes;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random_f32(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_u32() >> 8) as f32 / (1 << 23) as f32 - 1.0)
+            .collect()
+    }
+
+    fn simd_isas() -> Vec<Isa> {
+        Isa::ALL
+            .into_iter()
+            .filter(|&i| i != Isa::Scalar && i.is_supported())
+            .collect()
+    }
+
+    /// SIMD sums in another order: allow a few ulps of the sum of magnitudes.
+    fn assert_close(isa: Isa, got: &[f32], want: &[f32], magnitude: &[f32], what: &str) {
+        for (i, ((g, w), m)) in got.iter().zip(want).zip(magnitude).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * m + 1e-30,
+                "{isa:?} {what}[{i}]: {g} vs {w} (|.| {m})"
+            );
+        }
+    }
+
+    #[test]
+    fn simd_bf16_matches_scalar_on_ragged_shapes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for &(rows, cols, tokens) in &[
+            (1, 16, 1),
+            (3, 8, 2),
+            (5, 40, 3),
+            (17, 100, 5),
+            (64, 128, 4),
+            (130, 2880, 9),
+            (7, 33, 1),
+        ] {
+            let x = random_f32(&mut rng, tokens * cols);
+            let w: Vec<u16> = random_f32(&mut rng, rows * cols)
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            let bias = random_f32(&mut rng, rows);
+            let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+            let abs_w: Vec<u16> = w.iter().map(|b| b & 0x7FFF).collect();
+            let mut want = vec![0f32; tokens * rows];
+            let mut magnitude = vec![0f32; tokens * rows];
+            matmul_bf16(Isa::Scalar, &x, &w, rows, cols, Some(&bias), &mut want);
+            matmul_bf16(
+                Isa::Scalar,
+                &abs_x,
+                &abs_w,
+                rows,
+                cols,
+                None,
+                &mut magnitude,
+            );
+            for isa in simd_isas() {
+                let mut got = vec![0f32; tokens * rows];
+                matmul_bf16(isa, &x, &w, rows, cols, Some(&bias), &mut got);
+                assert_close(
+                    isa,
+                    &got,
+                    &want,
+                    &magnitude,
+                    &format!("bf16 {rows}x{cols}x{tokens}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn simd_mxfp4_matches_scalar_on_ragged_shapes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        for &(rows, cols, tokens) in &[
+            (1, 32, 1),
+            (3, 64, 2),
+            (5, 96, 3),
+            (17, 320, 5),
+            (64, 2880, 4),
+            (9, 2880, 1),
+            (6, 32, 7),
+        ] {
+            let x = random_f32(&mut rng, tokens * cols);
+            let blocks: Vec<u8> = (0..rows * cols / 2).map(|_| rng.next_u32() as u8).collect();
+            // Scales around 2^0, plus the extremes of the format.
+            let mut scales: Vec<u8> = (0..rows * cols / 32)
+                .map(|_| 120 + (rng.next_u32() % 16) as u8)
+                .collect();
+            scales[0] = 1;
+            let bias = random_f32(&mut rng, rows);
+            let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+            // Clearing each nibble's sign bit gives |w|.
+            let abs_blocks: Vec<u8> = blocks.iter().map(|b| b & 0x77).collect();
+            let mut want = vec![0f32; tokens * rows];
+            let mut magnitude = vec![0f32; tokens * rows];
+            matmul_mxfp4(
+                Isa::Scalar,
+                &x,
+                &blocks,
+                &scales,
+                rows,
+                cols,
+                Some(&bias),
+                &mut want,
+            );
+            matmul_mxfp4(
+                Isa::Scalar,
+                &abs_x,
+                &abs_blocks,
+                &scales,
+                rows,
+                cols,
+                None,
+                &mut magnitude,
+            );
+            for isa in simd_isas() {
+                let mut got = vec![0f32; tokens * rows];
+                matmul_mxfp4(isa, &x, &blocks, &scales, rows, cols, Some(&bias), &mut got);
+                assert_close(
+                    isa,
+                    &got,
+                    &want,
+                    &magnitude,
+                    &format!("mxfp4 {rows}x{cols}x{tokens}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn isa_names_round_trip_and_scalar_is_always_supported() {
+        assert!(Isa::Scalar.is_supported());
+        for isa in Isa::ALL {
+            assert_eq!(
+                Isa::ALL.into_iter().find(|i| i.name() == isa.name()),
+                Some(isa)
+            );
         }
     }
 }

@@ -21,6 +21,34 @@ pub fn e8m0_to_f32(s: u8) -> f32 {
     }
 }
 
+/// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]` for the `out.len() / tokens` rows of `w`.
+pub fn matmul_bf16(x: &[f32], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
+    for (w_row, out_row) in w.chunks_exact(cols).zip(out.chunks_exact_mut(tokens)) {
+        for (x_row, o) in x.chunks_exact(cols).zip(out_row) {
+            *o = dot_bf16(x_row, w_row);
+        }
+    }
+}
+
+/// As [`matmul_bf16`] for MXFP4 rows: `blocks` `[rows, cols / 2]`, `scales` `[rows, cols / 32]`.
+pub fn matmul_mxfp4(
+    x: &[f32],
+    tokens: usize,
+    blocks: &[u8],
+    scales: &[u8],
+    cols: usize,
+    out: &mut [f32],
+) {
+    let rows = blocks
+        .chunks_exact(cols / 2)
+        .zip(scales.chunks_exact(cols / 32));
+    for ((b, s), out_row) in rows.zip(out.chunks_exact_mut(tokens)) {
+        for (x_row, o) in x.chunks_exact(cols).zip(out_row) {
+            *o = dot_mxfp4(x_row, b, s);
+        }
+    }
+}
+
 pub fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
     debug_assert_eq!(x.len(), w.len());
     x.iter().zip(w).map(|(&a, &b)| a * bf16_to_f32(b)).sum()

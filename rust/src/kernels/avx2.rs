@@ -1,0 +1,150 @@
+//! AVX2 + FMA kernels, for x86-64 CPUs without AVX-512. Same register tiling as `avx512.rs` with
+//! 8-lane vectors.
+
+// Tiles index accumulators by (row, token); iterator chains would obscure the register tile.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::{for_each_tile, MXFP4_BLOCK_BYTES};
+
+/// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x` is `[tokens, cols]`, `w` is `[rows, cols]`, `out` is
+/// `[rows, tokens]`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn matmul_bf16(x: &[f32], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
+    for_each_tile!(out, tokens, |r0, t0, R, T| {
+        // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
+        unsafe { tile_bf16::<R, T>(x, w, cols, r0, t0, tokens, out) }
+    });
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_bf16<const R: usize, const T: usize>(
+    x: &[f32],
+    w: &[u16],
+    cols: usize,
+    r0: usize,
+    t0: usize,
+    tokens: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let full = cols / 8 * 8;
+    for c in (0..full).step_by(8) {
+        let mut wv = [_mm256_setzero_ps(); R];
+        for (r, wr) in wv.iter_mut().enumerate() {
+            // SAFETY: 8 elements of row r0 + r starting at c < full <= cols.
+            let bits =
+                unsafe { _mm_loadu_si128(w.as_ptr().add((r0 + r) * cols + c) as *const __m128i) };
+            *wr = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+        }
+        for t in 0..T {
+            // SAFETY: 8 activations of token t0 + t starting at c.
+            let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add((t0 + t) * cols + c)) };
+            for r in 0..R {
+                acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        let w_row = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
+        for t in 0..T {
+            let x_row = &x[(t0 + t) * cols..(t0 + t + 1) * cols];
+            let tail: f32 = (full..cols)
+                .map(|c| x_row[c] * super::scalar::bf16_to_f32(w_row[c]))
+                .sum();
+            out[(r0 + r) * tokens + t0 + t] = horizontal_sum(acc[r][t]) + tail;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn horizontal_sum(v: __m256) -> f32 {
+    let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
+}
+
+/// FP4 E2M1 codes → value × 2 as int8 (exact integers), for `pshufb`; the ½ goes into the scale.
+const FP4_TIMES_TWO: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// MXFP4 rows × activations, `x` de-interleaved per 32-input block as for the AVX-512 kernel.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `blocks` is `[rows, cols / 2]`, `scales` `[rows, cols / 32]`,
+/// `x` `[tokens, cols]`, `out` `[rows, tokens]`, and `cols` a multiple of 32.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn matmul_mxfp4(
+    x: &[f32],
+    tokens: usize,
+    blocks: &[u8],
+    scales: &[u8],
+    cols: usize,
+    out: &mut [f32],
+) {
+    for_each_tile!(out, tokens, |r0, t0, R, T| {
+        // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
+        unsafe { tile_mxfp4::<R, T>(x, blocks, scales, cols, r0, t0, tokens, out) }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_mxfp4<const R: usize, const T: usize>(
+    x: &[f32],
+    blocks: &[u8],
+    scales: &[u8],
+    cols: usize,
+    r0: usize,
+    t0: usize,
+    tokens: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: the table is 16 bytes.
+    let lut = unsafe { _mm_loadu_si128(FP4_TIMES_TWO.as_ptr() as *const __m128i) };
+    let mask = _mm_set1_epi8(0x0F);
+    let groups = cols / 32;
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for g in 0..groups {
+        // Per row: the 16 even then 16 odd weights of block g, as 4 vectors of 8.
+        let mut wv = [[_mm256_setzero_ps(); 4]; R];
+        for (r, wr) in wv.iter_mut().enumerate() {
+            let row = r0 + r;
+            // SAFETY: block g of `row` is 16 bytes inside `blocks`.
+            let bytes = unsafe {
+                _mm_loadu_si128(
+                    blocks.as_ptr().add((row * groups + g) * MXFP4_BLOCK_BYTES) as *const __m128i
+                )
+            };
+            let even = _mm_shuffle_epi8(lut, _mm_and_si128(bytes, mask));
+            let odd = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+            let scale = _mm256_set1_ps(0.5 * super::scalar::e8m0_to_f32(scales[row * groups + g]));
+            let widen =
+                |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), scale);
+            *wr = [
+                widen(even),
+                widen(_mm_srli_si128(even, 8)),
+                widen(odd),
+                widen(_mm_srli_si128(odd, 8)),
+            ];
+        }
+        for t in 0..T {
+            let base = (t0 + t) * cols + g * 32;
+            for (q, offset) in [0, 8, 16, 24].into_iter().enumerate() {
+                // SAFETY: 8 of the 32 activations of block g of token t0 + t.
+                let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(base + offset)) };
+                for r in 0..R {
+                    acc[r][t] = _mm256_fmadd_ps(wv[r][q], xv, acc[r][t]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[(r0 + r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
+        }
+    }
+}
