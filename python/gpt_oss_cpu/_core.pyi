@@ -56,7 +56,9 @@ class Engine:
 
     @staticmethod
     def load(
-        path: str, threads: int | None = None, isa: Literal["scalar", "avx2", "avx512"] | None = None
+        path: str,
+        threads: int | None = None,
+        isa: Literal["scalar", "avx2", "avx512"] | None = None,
     ) -> Engine: ...
     @property
     def config(self) -> Config: ...
@@ -70,9 +72,7 @@ class Engine:
     def isa(self) -> Literal["scalar", "avx2", "avx512"]: ...
     @property
     def checkpoint_bytes(self) -> int: ...
-    def forward(
-        self, ids: npt.ArrayLike, start_position: int = 0
-    ) -> npt.NDArray[np.float32]: ...
+    def forward(self, ids: npt.ArrayLike, start_position: int = 0) -> npt.NDArray[np.float32]: ...
     def trace(
         self, ids: npt.ArrayLike, start_position: int = 0
     ) -> tuple[
