@@ -1,0 +1,242 @@
+"""The ``gpt-oss-cpu`` command line (also ``python -m gpt_oss_cpu``).
+
+Each subcommand is one ``_cmd_*`` function registered in :func:`build_parser`; add new ones
+(``bench``, ``chat``, ``serve``) the same way.
+
+Example:
+    $ gpt-oss-cpu synth ~/.cache/gpt-oss-cpu/synth-20b
+    $ gpt-oss-cpu generate --model ~/.cache/gpt-oss-cpu/synth-20b --max-new-tokens 16 "Hello"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from .tokenizer import InvalidTokenizerError, TokenizerNotFoundError
+
+PROG = "gpt-oss-cpu"
+
+# <|endoftext|>, <|return|>, <|call|>: raw-text generation stops on any of them (SPEC §5.4).
+DEFAULT_STOP_TOKENS = (199999, 200002, 200012)
+
+
+class CliError(Exception):
+    """A usage problem found by the CLI itself (reported like a library error, exit code 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code (0 ok, 2 bad input or checkpoint, 130 interrupted).
+
+    Example:
+        >>> main(["synth", "/tmp/tiny", "--config", "tiny", "--no-progress"])  # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep the interpreter's final
+        # flush of stdout from failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        if not isinstance(exc, _user_error_types()):
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Run OpenAI's gpt-oss models on the CPU."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(commands)
+    _add_synth(commands)
+    return parser
+
+
+# ------------------------------------------------------------------------------------ generate
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "generate",
+        help="continue a plain-text prompt (no chat format), streaming the text",
+        description="Encode PROMPT as plain text, generate, and stream the decoded text to "
+        "stdout. A summary with token counts and speeds goes to stderr.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    p.add_argument(
+        "--max-context",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="KV-cache size in tokens (default: prompt length + max-new-tokens)",
+    )
+    p.add_argument("prompt", metavar="PROMPT", help='prompt text, or "-" to read stdin')
+    p.set_defaults(handler=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import gpt_oss_cpu
+
+    model_dir = Path(args.model).expanduser()
+    if not model_dir.is_dir():
+        raise CliError(f"model directory not found: {model_dir}")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+
+    t_start = time.perf_counter()
+    model = gpt_oss_cpu.Model.load(str(model_dir), threads=args.threads)
+    tokenizer = model.tokenizer
+    load_seconds = time.perf_counter() - t_start
+
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise CliError("the prompt is empty")
+    stop = tuple(sorted({*DEFAULT_STOP_TOKENS, *model.config.eos_token_ids}))
+    max_context = args.max_context or len(prompt_ids) + args.max_new_tokens
+
+    out: TextIO = sys.stdout
+    decoder = tokenizer.stream_decoder()
+    generated = 0
+    stop_token: int | None = None
+    t_first: float | None = None
+    t_last: float | None = None
+    with model.session(max_context=max_context) as session:
+        t_prefill = time.perf_counter()
+        for token in session.generate(
+            prompt_ids,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=stop,
+        ):
+            t_last = time.perf_counter()
+            if t_first is None:
+                t_first = t_last
+            generated += 1
+            if token in stop:
+                stop_token = token
+                break
+            text = decoder.feed(token)
+            if text:
+                out.write(text)
+                out.flush()
+    out.write(decoder.flush() + "\n")
+    out.flush()
+
+    summary = [
+        f"load {load_seconds:.2f} s",
+        f"prompt {len(prompt_ids)} tokens",
+        f"generated {generated} tokens"
+        + (f" (stop: {tokenizer.id_to_token(stop_token)})" if stop_token is not None else ""),
+    ]
+    if t_first is not None and t_last is not None:
+        prefill = t_first - t_prefill
+        summary.append(f"prefill {_rate(len(prompt_ids), prefill)} ({prefill:.3f} s)")
+        if generated > 1:
+            decode = t_last - t_first
+            summary.append(f"decode {_rate(generated - 1, decode)} ({decode:.3f} s)")
+    print(f"[{PROG}] " + " | ".join(summary), file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------- synth
+
+
+def _add_synth(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "synth",
+        help="write a random checkpoint with a real architecture (for benchmarks and tests)",
+        description="Write a synthetic (random-weight) checkpoint in the Hugging Face layout.",
+    )
+    p.add_argument("dir", metavar="DIR", help="output directory")
+    p.add_argument("--config", choices=("20b", "120b", "tiny"), default="20b")
+    p.add_argument(
+        "--seed", type=_non_negative_int, default=0, metavar="N", help="same seed, same bytes"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from . import synthetic
+
+    out_dir = synthetic.write_checkpoint(
+        Path(args.dir).expanduser(), args.config, seed=args.seed, progress=not args.no_progress
+    )
+    print(out_dir)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors caused by inputs (bad paths, checkpoints, arguments): one line, exit code 2."""
+    types: tuple[type[BaseException], ...] = (
+        TokenizerNotFoundError,
+        InvalidTokenizerError,
+        CliError,
+        OSError,
+    )
+    try:
+        from ._core import GptOssError
+    except ImportError:  # `synth` works without the compiled extension
+        return types
+    return (GptOssError, *types)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    return f"{tokens / seconds:.2f} tok/s" if seconds > 0 else "n/a tok/s"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gpt-oss-cpu")
+    except PackageNotFoundError:
+        return "unknown"
