@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -452,7 +452,7 @@ impl PySampler {
     }
 
     fn sample(&mut self, py: Python<'_>, logits: PyReadonlyArray1<'_, f32>) -> PyResult<u32> {
-        if logits.len()? == 0 {
+        if logits.len() == 0 {
             return Err(input_error(py, "logits are empty".into()));
         }
         let logits = logits.as_array();
@@ -536,6 +536,88 @@ impl PySession {
     }
 }
 
+fn parse_isa(py: Python<'_>, name: Option<&str>) -> PyResult<Isa> {
+    let isa = match name {
+        None => kernels::default_isa().map_err(|msg| input_error(py, msg))?,
+        Some(name) => Isa::ALL
+            .into_iter()
+            .find(|i| i.name() == name)
+            .ok_or_else(|| {
+                input_error(
+                    py,
+                    format!("isa: expected one of scalar, avx2, avx512, found {name:?}"),
+                )
+            })?,
+    };
+    if !isa.is_supported() {
+        return Err(input_error(
+            py,
+            format!("this CPU does not support {}", isa.name()),
+        ));
+    }
+    Ok(isa)
+}
+
+/// `x @ w.T` for float32 `x` `[T, K]` and bf16 bit patterns `w` (uint16) `[N, K]`: the model's
+/// dense kernel, exposed for benchmarks and cross-checks.
+#[pyfunction]
+#[pyo3(signature = (x, w, isa=None))]
+fn matmul_bf16<'py>(
+    py: Python<'py>,
+    x: numpy::PyReadonlyArray2<'py, f32>,
+    w: numpy::PyReadonlyArray2<'py, u16>,
+    isa: Option<&str>,
+) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+    let isa = parse_isa(py, isa)?;
+    let (tokens, cols, rows, w_cols) = (x.shape()[0], x.shape()[1], w.shape()[0], w.shape()[1]);
+    if cols != w_cols || tokens == 0 || rows == 0 {
+        return Err(input_error(
+            py,
+            format!("shapes x {:?} and w {:?} do not fit", x.shape(), w.shape()),
+        ));
+    }
+    let (x, w) = (x.as_slice()?, w.as_slice()?);
+    let mut y = vec![0f32; tokens * rows];
+    py.detach(|| kernels::matmul_bf16(isa, x, w, rows, cols, None, &mut y));
+    array2(py, y, rows)
+}
+
+/// `x @ W.T` for one MXFP4 matrix: `blocks` uint8 `[N, K/32, 16]`, `scales` uint8 `[N, K/32]`.
+#[pyfunction]
+#[pyo3(signature = (x, blocks, scales, isa=None))]
+fn matmul_mxfp4<'py>(
+    py: Python<'py>,
+    x: numpy::PyReadonlyArray2<'py, f32>,
+    blocks: numpy::PyReadonlyArray3<'py, u8>,
+    scales: numpy::PyReadonlyArray2<'py, u8>,
+    isa: Option<&str>,
+) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+    let isa = parse_isa(py, isa)?;
+    let (tokens, cols) = (x.shape()[0], x.shape()[1]);
+    let (rows, groups, block_bytes) = (blocks.shape()[0], blocks.shape()[1], blocks.shape()[2]);
+    let (s_rows, s_groups) = (scales.shape()[0], scales.shape()[1]);
+    if block_bytes != 16
+        || groups * 32 != cols
+        || s_rows != rows
+        || s_groups != groups
+        || tokens == 0
+    {
+        return Err(input_error(
+            py,
+            format!(
+                "shapes x {:?}, blocks {:?}, scales {:?} do not fit",
+                x.dims(),
+                blocks.dims(),
+                scales.dims()
+            ),
+        ));
+    }
+    let (x, blocks, scales) = (x.as_slice()?, blocks.as_slice()?, scales.as_slice()?);
+    let mut y = vec![0f32; tokens * rows];
+    py.detach(|| kernels::matmul_mxfp4(isa, x, blocks, scales, rows, cols, None, &mut y));
+    array2(py, y, rows)
+}
+
 /// Read bandwidth of this machine in bytes per second (best of `repeats` passes over `size_bytes`).
 #[pyfunction]
 #[pyo3(signature = (size_bytes=1 << 30, threads=None, repeats=5))]
@@ -591,5 +673,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySession>()?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul_mxfp4, m)?)?;
     Ok(())
 }

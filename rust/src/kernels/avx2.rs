@@ -8,7 +8,8 @@ use std::arch::x86_64::*;
 
 use super::{for_each_tile, MXFP4_BLOCK_BYTES};
 
-/// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]`.
+/// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]`, with `x` in [`super::unpack_order`] for 16-wide
+/// blocks (see the AVX-512 kernel).
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `x` is `[tokens, cols]`, `w` is `[rows, cols]`, `out` is
@@ -31,31 +32,41 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
     tokens: usize,
     out: &mut [f32],
 ) {
+    let zero = _mm256_setzero_si256();
     let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let full = cols / 8 * 8;
-    for c in (0..full).step_by(8) {
-        let mut wv = [_mm256_setzero_ps(); R];
-        for (r, wr) in wv.iter_mut().enumerate() {
-            // SAFETY: 8 elements of row r0 + r starting at c < full <= cols.
-            let bits =
-                unsafe { _mm_loadu_si128(w.as_ptr().add((r0 + r) * cols + c) as *const __m128i) };
-            *wr = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+    let full = cols / 16 * 16;
+    for c in (0..full).step_by(16) {
+        let mut low = [_mm256_setzero_ps(); R];
+        let mut high = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            // SAFETY: 16 weights of row r0 + r from column c < full <= cols.
+            let bits = unsafe {
+                _mm256_loadu_si256(w.as_ptr().add((r0 + r) * cols + c) as *const __m256i)
+            };
+            low[r] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
+            high[r] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
         }
         for t in 0..T {
-            // SAFETY: 8 activations of token t0 + t starting at c.
-            let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add((t0 + t) * cols + c)) };
+            let base = (t0 + t) * cols + c;
+            // SAFETY: 16 activations of token t0 + t from column c.
+            let (xl, xh) = unsafe {
+                (
+                    _mm256_loadu_ps(x.as_ptr().add(base)),
+                    _mm256_loadu_ps(x.as_ptr().add(base + 8)),
+                )
+            };
             for r in 0..R {
-                acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(low[r], xl, acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(high[r], xh, acc[r][t]);
             }
         }
     }
     for r in 0..R {
         let w_row = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
         for t in 0..T {
+            // The ragged tail is left in natural order by `unpack_order`.
             let x_row = &x[(t0 + t) * cols..(t0 + t + 1) * cols];
-            let tail: f32 = (full..cols)
-                .map(|c| x_row[c] * super::scalar::bf16_to_f32(w_row[c]))
-                .sum();
+            let tail = super::scalar::dot_bf16(&x_row[full..], &w_row[full..]);
             out[(r0 + r) * tokens + t0 + t] = horizontal_sum(acc[r][t]) + tail;
         }
     }

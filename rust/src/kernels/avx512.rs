@@ -11,6 +11,10 @@ use crate::kernels::scalar::FP4_VALUES;
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]` for the `out.len() / tokens` rows of `w`.
 ///
+/// `x` must be in the order [`super::unpack_order`] gives for 32-wide blocks: each 64-byte load of
+/// 32 bf16 weights is widened by interleaving with zeros (`vpunpck{l,h}wd`), which yields the
+/// weights of each 128-bit lane's low and high halves, so the activations are pre-permuted to match.
+///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VL; `x` is `[tokens, cols]`, `w` is `[rows, cols]`, `out` is
 /// `[rows, tokens]`.
@@ -32,32 +36,41 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
     tokens: usize,
     out: &mut [f32],
 ) {
+    let zero = _mm512_setzero_si512();
     let mut acc = [[_mm512_setzero_ps(); T]; R];
-    let full = cols / 16 * 16;
-    let tail: __mmask16 = (1u32 << (cols - full)).wrapping_sub(1) as __mmask16;
-    let mut c = 0;
-    while c < cols {
-        let mask = if c < full { 0xFFFF } else { tail };
-        let mut wv = [_mm512_setzero_ps(); R];
-        for (r, wr) in wv.iter_mut().enumerate() {
-            // SAFETY: `mask` limits the load to the row's remaining `cols - c` elements.
-            let bits = unsafe {
-                _mm256_maskz_loadu_epi16(mask, w.as_ptr().add((r0 + r) * cols + c) as *const i16)
-            };
-            *wr = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    let full = cols / 32 * 32;
+    for c in (0..full).step_by(32) {
+        let mut low = [_mm512_setzero_ps(); R];
+        let mut high = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            // SAFETY: 32 weights of row r0 + r from column c < full <= cols.
+            let bits =
+                unsafe { _mm512_loadu_si512(w.as_ptr().add((r0 + r) * cols + c) as *const _) };
+            low[r] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, bits));
+            high[r] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, bits));
         }
         for t in 0..T {
-            // SAFETY: as above, within token `t0 + t`'s row of `x`.
-            let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.as_ptr().add((t0 + t) * cols + c)) };
+            let base = (t0 + t) * cols + c;
+            // SAFETY: 32 activations of token t0 + t from column c.
+            let (xl, xh) = unsafe {
+                (
+                    _mm512_loadu_ps(x.as_ptr().add(base)),
+                    _mm512_loadu_ps(x.as_ptr().add(base + 16)),
+                )
+            };
             for r in 0..R {
-                acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(low[r], xl, acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(high[r], xh, acc[r][t]);
             }
         }
-        c += 16;
     }
     for r in 0..R {
+        let w_row = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
         for t in 0..T {
-            out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
+            // The ragged tail is left in natural order by `unpack_order`.
+            let x_row = &x[(t0 + t) * cols..(t0 + t + 1) * cols];
+            let tail = super::scalar::dot_bf16(&x_row[full..], &w_row[full..]);
+            out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]) + tail;
         }
     }
 }
@@ -98,7 +111,6 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
 ) {
     // SAFETY: FP4_VALUES has 16 f32.
     let lut = unsafe { _mm512_loadu_ps(FP4_VALUES.as_ptr()) };
-    let low_nibble = _mm512_set1_epi32(0x0F);
     let groups = cols / 32;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for g in 0..groups {
@@ -114,7 +126,8 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
             };
             let codes = _mm512_cvtepu8_epi32(bytes);
             let scale = _mm512_set1_ps(super::scalar::e8m0_to_f32(scales[row * groups + g]));
-            let lo = _mm512_permutexvar_ps(_mm512_and_si512(codes, low_nibble), lut);
+            // vpermps reads only the low 4 bits of each index: no mask needed for the low nibble.
+            let lo = _mm512_permutexvar_ps(codes, lut);
             let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), lut);
             // Power-of-two scaling of FP4 values is exact.
             even[r] = _mm512_mul_ps(lo, scale);

@@ -106,6 +106,14 @@ pub fn matmul_bf16(
     y: &mut [f32],
 ) {
     let tokens = x.len() / cols;
+    let permuted;
+    let x_simd = match isa {
+        Isa::Scalar => x,
+        Isa::Avx2 | Isa::Avx512 => {
+            permuted = unpack_order(x, cols, if isa == Isa::Avx512 { 32 } else { 16 });
+            &permuted
+        }
+    };
     matmul_rows(tokens, rows, bias, y, |first, out| {
         let w = &w[first * cols..(first + out.len() / tokens) * cols];
         match isa {
@@ -113,9 +121,9 @@ pub fn matmul_bf16(
             // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`, and the
             // slices have the shapes the kernel documents.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::matmul_bf16(x, tokens, w, cols, out) },
+            Isa::Avx2 => unsafe { avx2::matmul_bf16(x_simd, tokens, w, cols, out) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::matmul_bf16(x, tokens, w, cols, out) },
+            Isa::Avx512 => unsafe { avx512::matmul_bf16(x_simd, tokens, w, cols, out) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => scalar::matmul_bf16(x, tokens, w, cols, out),
         }
@@ -163,6 +171,26 @@ pub fn matmul_mxfp4(
             _ => scalar::matmul_mxfp4(x_for_simd, tokens, blocks, scales, cols, out),
         }
     });
+}
+
+/// Reorders each row's full `block`-wide blocks into the order in which interleaving bf16 weights
+/// with zeros (`vpunpcklwd`/`vpunpckhwd`, per 128-bit lane) widens them: the low 4 values of every
+/// 8 first, then the high 4. A ragged tail stays in natural order.
+pub fn unpack_order(x: &[f32], cols: usize, block: usize) -> Vec<f32> {
+    let mut out = x.to_vec();
+    let half = block / 2;
+    for (src_row, dst_row) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+        for (src, dst) in src_row
+            .chunks_exact(block)
+            .zip(dst_row.chunks_exact_mut(block))
+        {
+            for (lane, group) in src.chunks_exact(8).enumerate() {
+                dst[lane * 4..lane * 4 + 4].copy_from_slice(&group[..4]);
+                dst[half + lane * 4..half + lane * 4 + 4].copy_from_slice(&group[4..]);
+            }
+        }
+    }
+    out
 }
 
 /// Reorders each 32-value block to its 16 even then 16 odd values, matching the low and high
