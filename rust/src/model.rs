@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kernels::{self, scalar::bf16_to_f32, Isa};
+use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, WeightMatrix};
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::weights::{LayerWeights, Linear, Mxfp4Experts, Weights};
 
@@ -231,15 +231,15 @@ impl Model {
         let h = rms_norm(x, &self.weights.final_norm, c.rms_norm_eps);
         let unembedding = &self.weights.unembedding;
         let mut logits = vec![0f32; h.len() / d * c.vocab_size];
-        kernels::matmul_bf16(
-            self.isa,
-            &h,
-            unembedding.data(),
-            unembedding.rows,
-            d,
-            None,
-            &mut logits,
-        );
+        let job = Matmul {
+            weights: WeightMatrix::Bf16(unembedding.data()),
+            rows: unembedding.rows,
+            cols: d,
+            x: &h,
+            bias: None,
+            y: &mut logits,
+        };
+        kernels::matmul(self.isa, job);
         logits
     }
 
@@ -255,9 +255,18 @@ impl Model {
     ) {
         let c = &self.config;
         let t = rms_norm(x, &layer.attn_norm, c.rms_norm_eps);
-        let mut q = linear(self.isa, &t, &layer.q);
-        let mut k = linear(self.isa, &t, &layer.k);
-        let v = linear(self.isa, &t, &layer.v);
+        let tokens = t.len() / c.hidden_size;
+        let mut q = vec![0f32; tokens * c.q_dim()];
+        let mut k = vec![0f32; tokens * c.kv_dim()];
+        let mut v = vec![0f32; tokens * c.kv_dim()];
+        kernels::matmul_batch(
+            self.isa,
+            vec![
+                linear_job(&t, &layer.q, &mut q),
+                linear_job(&t, &layer.k, &mut k),
+                linear_job(&t, &layer.v, &mut v),
+            ],
+        );
         self.rope.apply(&mut q, rope, c.head_dim);
         self.rope.apply(&mut k, rope, c.head_dim);
 
@@ -293,26 +302,52 @@ impl Model {
             .map(|logits| Route::top_k(logits, c.num_experts_per_tok))
             .collect();
 
-        let mut y = vec![0f32; x.len()];
+        // Per expert: the tokens routed to it, their weights, and their normalized activations.
+        let mut groups: Vec<ExpertGroup> = Vec::new();
         for e in 0..c.num_local_experts {
-            // (token, weight) of every token routed to expert e.
             let assigned: Vec<(usize, f32)> = routes
                 .iter()
                 .enumerate()
                 .filter_map(|(token, r)| r.weight_of(e).map(|w| (token, w)))
                 .collect();
-            if assigned.is_empty() {
-                continue;
+            if !assigned.is_empty() {
+                let x = assigned
+                    .iter()
+                    .flat_map(|&(token, _)| &t[token * d..(token + 1) * d])
+                    .copied()
+                    .collect();
+                groups.push(ExpertGroup {
+                    expert: e,
+                    assigned,
+                    x,
+                });
             }
-            let xe: Vec<f32> = assigned
-                .iter()
-                .flat_map(|&(token, _)| &t[token * d..(token + 1) * d])
-                .copied()
-                .collect();
-            let h = expert_linear(self.isa, &xe, &layer.gate_up, e);
-            let z = swiglu(&h, c.swiglu_limit);
-            let out = expert_linear(self.isa, &z, &layer.down, e);
-            for (&(token, w), out_row) in assigned.iter().zip(out.chunks_exact(d)) {
+        }
+        // Every routed expert's gate/up projection in one parallel region, then every down.
+        let mut hidden: Vec<Vec<f32>> = groups
+            .iter()
+            .map(|g| vec![0f32; g.assigned.len() * 2 * c.intermediate_size])
+            .collect();
+        let jobs = groups
+            .iter()
+            .zip(&mut hidden)
+            .map(|(g, h)| expert_job(&g.x, &layer.gate_up, g.expert, h));
+        kernels::matmul_batch(self.isa, jobs.collect());
+        let activated: Vec<Vec<f32>> = hidden.iter().map(|h| swiglu(h, c.swiglu_limit)).collect();
+        let mut outputs: Vec<Vec<f32>> = groups
+            .iter()
+            .map(|g| vec![0f32; g.assigned.len() * d])
+            .collect();
+        let jobs = groups
+            .iter()
+            .zip(&activated)
+            .zip(&mut outputs)
+            .map(|((g, z), out)| expert_job(z, &layer.down, g.expert, out));
+        kernels::matmul_batch(self.isa, jobs.collect());
+
+        let mut y = vec![0f32; x.len()];
+        for (g, out) in groups.iter().zip(&outputs) {
+            for (&(token, w), out_row) in g.assigned.iter().zip(out.chunks_exact(d)) {
                 for (yi, &o) in y[token * d..(token + 1) * d].iter_mut().zip(out_row) {
                     *yi += w * o;
                 }
@@ -339,27 +374,46 @@ fn rms_norm(x: &[f32], scale: &[f32], eps: f32) -> Vec<f32> {
 
 /// `x·Wᵀ + b` for every row of `x`.
 fn linear(isa: Isa, x: &[f32], layer: &Linear) -> Vec<f32> {
-    let w = &layer.weight;
-    let mut y = vec![0f32; x.len() / w.cols * w.rows];
-    kernels::matmul_bf16(isa, x, w.data(), w.rows, w.cols, Some(&layer.bias), &mut y);
+    let mut y = vec![0f32; x.len() / layer.weight.cols * layer.weight.rows];
+    kernels::matmul(isa, linear_job(x, layer, &mut y));
     y
 }
 
-/// One expert's MXFP4 projection of every row of `x`, plus that expert's bias.
-fn expert_linear(isa: Isa, x: &[f32], experts: &Mxfp4Experts, e: usize) -> Vec<f32> {
-    let (blocks, scales) = experts.expert(e);
-    let mut y = vec![0f32; x.len() / experts.cols * experts.rows];
-    kernels::matmul_mxfp4(
-        isa,
+fn linear_job<'a>(x: &'a [f32], layer: &'a Linear, y: &'a mut [f32]) -> Matmul<'a> {
+    let w = &layer.weight;
+    Matmul {
+        weights: WeightMatrix::Bf16(w.data()),
+        rows: w.rows,
+        cols: w.cols,
         x,
-        blocks,
-        scales,
-        experts.rows,
-        experts.cols,
-        Some(experts.expert_bias(e)),
-        &mut y,
-    );
-    y
+        bias: Some(&layer.bias),
+        y,
+    }
+}
+
+/// One expert's MXFP4 projection of every row of `x`, plus that expert's bias.
+fn expert_job<'a>(
+    x: &'a [f32],
+    experts: &'a Mxfp4Experts,
+    e: usize,
+    y: &'a mut [f32],
+) -> Matmul<'a> {
+    let (blocks, scales) = experts.expert(e);
+    Matmul {
+        weights: WeightMatrix::Mxfp4 { blocks, scales },
+        rows: experts.rows,
+        cols: experts.cols,
+        x,
+        bias: Some(experts.expert_bias(e)),
+        y,
+    }
+}
+
+/// The tokens routed to one expert: `(token, routing weight)` and their activations `[n, hidden]`.
+struct ExpertGroup {
+    expert: usize,
+    assigned: Vec<(usize, f32)>,
+    x: Vec<f32>,
 }
 
 /// Clamped SwiGLU with the "+1" on the linear half (SPEC §4.4). `h` interleaves gate (even) and up

@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 
 use crate::config::{AttentionKind, Config, Layout};
 use crate::error::Error;
-use crate::kernels::{self, Isa};
+use crate::kernels::{self, Isa, Matmul, WeightMatrix};
 use crate::model::Model;
 use crate::sampling::Sampler;
 use crate::session::Session;
@@ -578,7 +578,15 @@ fn matmul_bf16<'py>(
     }
     let (x, w) = (x.as_slice()?, w.as_slice()?);
     let mut y = vec![0f32; tokens * rows];
-    py.detach(|| kernels::matmul_bf16(isa, x, w, rows, cols, None, &mut y));
+    let job = Matmul {
+        weights: WeightMatrix::Bf16(w),
+        rows,
+        cols,
+        x,
+        bias: None,
+        y: &mut y,
+    };
+    py.detach(|| kernels::matmul(isa, job));
     array2(py, y, rows)
 }
 
@@ -614,7 +622,16 @@ fn matmul_mxfp4<'py>(
     }
     let (x, blocks, scales) = (x.as_slice()?, blocks.as_slice()?, scales.as_slice()?);
     let mut y = vec![0f32; tokens * rows];
-    py.detach(|| kernels::matmul_mxfp4(isa, x, blocks, scales, rows, cols, None, &mut y));
+    let weights = WeightMatrix::Mxfp4 { blocks, scales };
+    let job = Matmul {
+        weights,
+        rows,
+        cols,
+        x,
+        bias: None,
+        y: &mut y,
+    };
+    py.detach(|| kernels::matmul(isa, job));
     array2(py, y, rows)
 }
 

@@ -94,83 +94,155 @@ pub fn default_isa() -> Result<Isa, String> {
 /// Output rows per parallel task: enough work to amortise scheduling, few enough to balance.
 const ROWS_PER_TASK: usize = 64;
 
-/// `y[t, r] = Σ_c x[t, c] · W[r, c] + bias[r]` with `W` a bf16 `[rows, cols]` matrix.
-/// `x` is `[tokens, cols]`, `y` is `[tokens, rows]`.
-pub fn matmul_bf16(
-    isa: Isa,
-    x: &[f32],
-    w: &[u16],
-    rows: usize,
-    cols: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    let tokens = x.len() / cols;
-    let permuted;
-    let x_simd = match isa {
-        Isa::Scalar => x,
-        Isa::Avx2 | Isa::Avx512 => {
-            permuted = unpack_order(x, cols, if isa == Isa::Avx512 { 32 } else { 16 });
-            &permuted
-        }
-    };
-    matmul_rows(tokens, rows, bias, y, |first, out| {
-        let w = &w[first * cols..(first + out.len() / tokens) * cols];
-        match isa {
-            Isa::Scalar => scalar::matmul_bf16(x, tokens, w, cols, out),
-            // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`, and the
-            // slices have the shapes the kernel documents.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::matmul_bf16(x_simd, tokens, w, cols, out) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::matmul_bf16(x_simd, tokens, w, cols, out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => scalar::matmul_bf16(x, tokens, w, cols, out),
-        }
-    });
+/// A weight matrix `[rows, cols]` in one of the checkpoint's formats.
+#[derive(Clone, Copy)]
+pub enum WeightMatrix<'a> {
+    /// bf16 bit patterns, row-major.
+    Bf16(&'a [u16]),
+    /// MXFP4: packed `blocks` (`cols / 2` bytes a row) and E8M0 `scales` (`cols / 32` bytes a row).
+    Mxfp4 { blocks: &'a [u8], scales: &'a [u8] },
 }
 
-/// As [`matmul_bf16`] for one MXFP4 matrix given as packed `blocks` (`cols / 2` bytes a row) and
-/// E8M0 `scales` (`cols / 32` bytes a row).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_mxfp4(
-    isa: Isa,
-    x: &[f32],
-    blocks: &[u8],
-    scales: &[u8],
-    rows: usize,
-    cols: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-) {
-    let tokens = x.len() / cols;
-    let (row_bytes, row_scales) = (cols / 2, cols / 32);
-    let simd_x;
-    let x_for_simd = if isa == Isa::Scalar {
-        x
-    } else {
-        simd_x = deinterleave_pairs(x);
-        &simd_x
-    };
-    matmul_rows(tokens, rows, bias, y, |first, out| {
-        let n = out.len() / tokens;
-        let blocks = &blocks[first * row_bytes..(first + n) * row_bytes];
-        let scales = &scales[first * row_scales..(first + n) * row_scales];
-        match isa {
-            Isa::Scalar => scalar::matmul_mxfp4(x, tokens, blocks, scales, cols, out),
-            // SAFETY: as in `matmul_bf16`; `cols` is a multiple of 32 (checked by `Config`).
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe {
-                avx2::matmul_mxfp4(x_for_simd, tokens, blocks, scales, cols, out)
-            },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe {
-                avx512::matmul_mxfp4(x_for_simd, tokens, blocks, scales, cols, out)
-            },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => scalar::matmul_mxfp4(x_for_simd, tokens, blocks, scales, cols, out),
+/// One product of a batch: `y[t, r] = Σ_c x[t, c] · W[r, c] + bias[r]`, with `x` `[tokens, cols]`
+/// and `y` `[tokens, rows]`.
+pub struct Matmul<'a> {
+    pub weights: WeightMatrix<'a>,
+    pub rows: usize,
+    pub cols: usize,
+    pub x: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub y: &'a mut [f32],
+}
+
+/// Runs several products as one parallel region, their rows split into tasks over the current
+/// rayon pool: one synchronisation instead of one per matrix (q/k/v, or the routed experts).
+pub fn matmul_batch(isa: Isa, jobs: Vec<Matmul<'_>>) {
+    struct Spec<'a> {
+        weights: WeightMatrix<'a>,
+        cols: usize,
+        tokens: usize,
+        x: std::borrow::Cow<'a, [f32]>,
+    }
+    let mut specs = Vec::with_capacity(jobs.len());
+    let mut outputs = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let tokens = job.x.len() / job.cols;
+        debug_assert_eq!(job.y.len(), tokens * job.rows);
+        let x = prepare_activations(isa, job.weights, job.x, job.cols);
+        specs.push(Spec {
+            weights: job.weights,
+            cols: job.cols,
+            tokens,
+            x,
+        });
+        // One token: `[rows, 1]` is already y's layout. Otherwise compute `[rows, tokens]` and
+        // transpose afterwards, so each task owns a contiguous block.
+        let by_row = (tokens > 1).then(|| vec![0f32; tokens * job.rows]);
+        outputs.push((job.y, by_row, job.bias, job.rows, tokens));
+    }
+
+    let mut tasks = Vec::new();
+    for (j, (y, by_row, _, _, tokens)) in outputs.iter_mut().enumerate() {
+        let buffer: &mut [f32] = by_row.as_deref_mut().unwrap_or(y);
+        for (i, out) in buffer.chunks_mut(ROWS_PER_TASK * *tokens).enumerate() {
+            tasks.push((j, i * ROWS_PER_TASK, out));
         }
+    }
+    tasks.into_par_iter().for_each(|(j, first, out)| {
+        let spec = &specs[j];
+        run_kernel(
+            isa,
+            spec.weights,
+            &spec.x,
+            spec.tokens,
+            spec.cols,
+            first,
+            out,
+        );
     });
+
+    for (y, by_row, bias, rows, tokens) in outputs {
+        if let Some(by_row) = by_row {
+            for (r, row) in by_row.chunks_exact(tokens).enumerate() {
+                for (t, &v) in row.iter().enumerate() {
+                    y[t * rows + r] = v;
+                }
+            }
+        }
+        if let Some(bias) = bias {
+            for row in y.chunks_exact_mut(rows) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+    }
+}
+
+/// A single product (see [`matmul_batch`]).
+pub fn matmul(isa: Isa, job: Matmul<'_>) {
+    matmul_batch(isa, vec![job]);
+}
+
+/// The activations in the order the SIMD kernels of `isa` read them for `weights`.
+fn prepare_activations<'a>(
+    isa: Isa,
+    weights: WeightMatrix<'_>,
+    x: &'a [f32],
+    cols: usize,
+) -> std::borrow::Cow<'a, [f32]> {
+    match (isa, weights) {
+        (Isa::Scalar, _) => x.into(),
+        (Isa::Avx512, WeightMatrix::Bf16(_)) => unpack_order(x, cols, 32).into(),
+        (Isa::Avx2, WeightMatrix::Bf16(_)) => unpack_order(x, cols, 16).into(),
+        (Isa::Avx2 | Isa::Avx512, WeightMatrix::Mxfp4 { .. }) => deinterleave_pairs(x).into(),
+    }
+}
+
+/// Rows `first..first + out.len() / tokens` of one product into `out` (`[n, tokens]`).
+fn run_kernel(
+    isa: Isa,
+    weights: WeightMatrix<'_>,
+    x: &[f32],
+    tokens: usize,
+    cols: usize,
+    first: usize,
+    out: &mut [f32],
+) {
+    let n = out.len() / tokens;
+    match weights {
+        WeightMatrix::Bf16(w) => {
+            let w = &w[first * cols..(first + n) * cols];
+            match isa {
+                Isa::Scalar => scalar::matmul_bf16(x, tokens, w, cols, out),
+                // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`, `x` is
+                // in the order `prepare_activations` gives, and the slices have the documented shapes.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2::matmul_bf16(x, tokens, w, cols, out) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { avx512::matmul_bf16(x, tokens, w, cols, out) },
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("no SIMD kernels on this architecture"),
+            }
+        }
+        WeightMatrix::Mxfp4 { blocks, scales } => {
+            let (row_bytes, row_scales) = (cols / 2, cols / 32);
+            let blocks = &blocks[first * row_bytes..(first + n) * row_bytes];
+            let scales = &scales[first * row_scales..(first + n) * row_scales];
+            match isa {
+                Isa::Scalar => scalar::matmul_mxfp4(x, tokens, blocks, scales, cols, out),
+                // SAFETY: as above; `cols` is a multiple of 32 (checked by `Config`).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2::matmul_mxfp4(x, tokens, blocks, scales, cols, out) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe {
+                    avx512::matmul_mxfp4(x, tokens, blocks, scales, cols, out)
+                },
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("no SIMD kernels on this architecture"),
+            }
+        }
+    }
 }
 
 /// Reorders each row's full `block`-wide blocks into the order in which interleaving bf16 weights
@@ -204,42 +276,6 @@ pub fn deinterleave_pairs(x: &[f32]) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Splits the output rows over the current rayon pool. `kernel(first_row, out)` fills `out`, the
-/// `[n, tokens]` results of rows `first_row..first_row + n`; they are transposed into `y`
-/// (`[tokens, rows]`) with the bias added.
-fn matmul_rows(
-    tokens: usize,
-    rows: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    kernel: impl Fn(usize, &mut [f32]) + Sync,
-) {
-    debug_assert_eq!(y.len(), tokens * rows);
-    let task = |(i, out): (usize, &mut [f32])| kernel(i * ROWS_PER_TASK, out);
-    if tokens == 1 {
-        // [rows, 1] is already the layout of y.
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(task);
-    } else {
-        let mut by_row = vec![0f32; tokens * rows];
-        by_row
-            .par_chunks_mut(ROWS_PER_TASK * tokens)
-            .enumerate()
-            .for_each(task);
-        for (r, row) in by_row.chunks_exact(tokens).enumerate() {
-            for (t, &v) in row.iter().enumerate() {
-                y[t * rows + r] = v;
-            }
-        }
-    }
-    if let Some(bias) = bias {
-        for row in y.chunks_exact_mut(rows) {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v += b;
-            }
-        }
-    }
 }
 
 /// Visits `out` (`[rows, tokens]`) in register tiles of up to 4 rows × 4 tokens, binding the tile's
@@ -297,6 +333,53 @@ mod tests {
         (0..n)
             .map(|_| (rng.next_u32() >> 8) as f32 / (1 << 23) as f32 - 1.0)
             .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bf16(
+        isa: Isa,
+        x: &[f32],
+        w: &[u16],
+        rows: usize,
+        cols: usize,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        matmul(
+            isa,
+            Matmul {
+                weights: WeightMatrix::Bf16(w),
+                rows,
+                cols,
+                x,
+                bias,
+                y,
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_mxfp4(
+        isa: Isa,
+        x: &[f32],
+        blocks: &[u8],
+        scales: &[u8],
+        rows: usize,
+        cols: usize,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        matmul(
+            isa,
+            Matmul {
+                weights: WeightMatrix::Mxfp4 { blocks, scales },
+                rows,
+                cols,
+                x,
+                bias,
+                y,
+            },
+        );
     }
 
     fn simd_isas() -> Vec<Isa> {
