@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kernels::attention::{self, KeyValues, Query};
 use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, WeightMatrix};
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::weights::{LayerWeights, Linear, Mxfp4Experts, Weights};
@@ -283,7 +284,7 @@ impl Model {
             values: &v,
             kv_dim: c.kv_dim(),
         };
-        attend(&q, &keys, &layer.sinks, heads, window, &mut attn);
+        attend(self.isa, &q, &keys, &layer.sinks, heads, window, &mut attn);
         cache.store(first, &k, &v);
 
         let y = linear(self.isa, &attn, &layer.o);
@@ -481,7 +482,8 @@ struct KeySource<'a> {
     kv_dim: usize,
 }
 
-impl KeySource<'_> {
+impl KeyValues for KeySource<'_> {
+    #[inline]
     fn key(&self, j: usize) -> &[f32] {
         if j >= self.first {
             let s = (j - self.first) * self.kv_dim;
@@ -491,6 +493,7 @@ impl KeySource<'_> {
         }
     }
 
+    #[inline]
     fn value(&self, j: usize) -> &[f32] {
         if j >= self.first {
             let s = (j - self.first) * self.kv_dim;
@@ -501,9 +504,11 @@ impl KeySource<'_> {
     }
 }
 
-/// Scaled dot-product attention with GQA, a per-head sink logit in the softmax denominator, and an
-/// optional sliding window of `window` keys including the current one (SPEC §4.3.4).
+/// Scaled dot-product attention with GQA (query head h reads KV head h / (H / G)), a per-head sink
+/// logit, causal masking, and an optional sliding window of `window` keys including the current
+/// one (SPEC §4.3.4). One task per (token, query head).
 fn attend(
+    isa: Isa,
     q: &[f32],
     src: &KeySource,
     sinks: &[f32],
@@ -513,39 +518,20 @@ fn attend(
 ) {
     let scale = 1.0 / (heads.dim as f32).sqrt();
     let group = heads.q / heads.kv;
-    // One task per (token, query head).
     out.par_chunks_mut(heads.dim)
         .enumerate()
         .for_each_init(Vec::new, |scores, (task, o)| {
             let (i, h) = (task / heads.q, task % heads.q);
-            let kv_offset = (h / group) * heads.dim;
-            let n = src.first + i;
-            let lo = window.map_or(0, |w| (n + 1).saturating_sub(w));
-            let qh = &q[task * heads.dim..(task + 1) * heads.dim];
-
-            scores.clear();
-            let mut max = sinks[h];
-            for j in lo..=n {
-                let k = &src.key(j)[kv_offset..kv_offset + heads.dim];
-                let s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-            // The sink takes probability mass but contributes no value (SPEC §9.5).
-            let mut denominator = (sinks[h] - max).exp();
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                denominator += *s;
-            }
-            o.fill(0.0);
-            for (j, &p) in (lo..=n).zip(scores.iter()) {
-                let v = &src.value(j)[kv_offset..kv_offset + heads.dim];
-                for (oi, &vi) in o.iter_mut().zip(v) {
-                    *oi += p * vi;
-                }
-            }
-            let inv = 1.0 / denominator;
-            o.iter_mut().for_each(|oi| *oi *= inv);
+            let position = src.first + i;
+            let query = Query {
+                q: &q[task * heads.dim..(task + 1) * heads.dim],
+                kv_offset: (h / group) * heads.dim,
+                first: window.map_or(0, |w| (position + 1).saturating_sub(w)),
+                last: position,
+                sink: sinks[h],
+                scale,
+            };
+            attention::attend(isa, src, &query, scores, o);
         });
 }
 

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+pub mod attention;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
