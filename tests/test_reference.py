@@ -319,6 +319,21 @@ def test_session_truncate(model, ref, where: str, model_name: str, report: Repor
     report(model_name, f"truncate 60->{n} + re-append ({where})", max(d1, d2), SELF_TOL)
 
 
+@pytest.mark.parametrize("n", [1300, 200])
+def test_session_truncate_beyond_the_sliding_ring(model, ref, n: int) -> None:
+    """Sliding layers keep only window + 1024 positions: a rollback of 100 tokens is served from
+    the ring, one of 1200 makes the session recompute the prefix. Both must be exact."""
+    ids = ref["long_input_ids"][:1400]
+    want = model.forward(ids)[-1]
+    with model.session(max_context=1500) as session:
+        session.append(ids)
+        session.truncate(n)
+        assert session.position == n
+        assert session.tokens == ids[:n].tolist()
+        got = session.append(ids[n:])
+    assert max_abs_diff(got, want) <= SELF_TOL
+
+
 def test_session_reset(model, ref) -> None:
     ids = ref["input_ids"]
     a, b = ids[:30], ids[30:50]
