@@ -78,7 +78,7 @@ impl Model {
         let threads = match threads {
             Some(0) => return Err(Error::Input("threads must be at least 1".into())),
             Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => default_threads(),
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -357,6 +357,36 @@ impl Model {
         add_assign(x, &y);
         routes
     }
+}
+
+/// One thread per physical core this process may run on: a second hyper-thread on a core only
+/// competes for the same vector units and memory bandwidth.
+pub fn default_threads() -> usize {
+    let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+    physical_cores()
+        .map_or(allowed, |cores| cores.min(allowed))
+        .max(1)
+}
+
+/// Distinct (package, core) pairs in Linux's sysfs topology; `None` elsewhere.
+fn physical_cores() -> Option<usize> {
+    let mut cores = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/sys/devices/system/cpu").ok()?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !name
+            .strip_prefix("cpu")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let read =
+            |file: &str| std::fs::read_to_string(entry.path().join("topology").join(file)).ok();
+        if let (Some(package), Some(core)) = (read("physical_package_id"), read("core_id")) {
+            cores.insert((package.trim().to_string(), core.trim().to_string()));
+        }
+    }
+    (!cores.is_empty()).then_some(cores.len())
 }
 
 /// RMSNorm of each row (SPEC §4.2): `x / sqrt(mean(x²) + eps) * scale`, no bias, no `1 + w`.

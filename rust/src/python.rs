@@ -644,8 +644,7 @@ fn measure_read_bandwidth(
     threads: Option<usize>,
     repeats: usize,
 ) -> PyResult<f64> {
-    let threads =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = threads.unwrap_or_else(crate::model::default_threads);
     py.detach(|| crate::bandwidth::measure_read_bandwidth(size_bytes, threads, repeats))
         .map_err(|msg| input_error(py, msg))
 }
@@ -667,10 +666,7 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     info.set_item("supported_isas", supported)?;
     info.set_item("target_arch", std::env::consts::ARCH)?;
     info.set_item("debug_assertions", cfg!(debug_assertions))?;
-    info.set_item(
-        "default_threads",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-    )?;
+    info.set_item("default_threads", crate::model::default_threads())?;
     Ok(info)
 }
 

@@ -75,9 +75,9 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
     }
 }
 
-/// MXFP4 rows × activations. `x` holds each token's activations with every 32-input block
-/// de-interleaved into its 16 even then 16 odd inputs ([`super::deinterleave_pairs`]), so that low
-/// and high nibbles each meet a contiguous vector.
+/// MXFP4 rows × activations. `x` is in [`super::nibble_order`]: for each full span of 128 inputs
+/// (4 blocks, one 64-byte load per row), the inputs that nibble `k` of each 32-bit lane holds; the
+/// remaining blocks de-interleaved into their 16 even then 16 odd inputs.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VL; `blocks` is `[rows, cols / 2]`, `scales` `[rows, cols / 32]`,
@@ -97,6 +97,24 @@ pub unsafe fn matmul_mxfp4(
     });
 }
 
+/// Scales of 4 consecutive blocks as 16 lanes, each repeated over the 4 lanes of its block.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn span_scales(bytes: [u8; 4]) -> __m512 {
+    let spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    let s = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(
+        _mm_cvtsi32_si128(i32::from_le_bytes(bytes)),
+        spread,
+    ));
+    // 2^(s-127) is the exponent field s; s = 0 (2^-127, subnormal) is kept exact by a blend.
+    let zero = _mm512_cmpeq_epi32_mask(s, _mm512_setzero_si512());
+    let bits = _mm512_mask_blend_epi32(
+        zero,
+        _mm512_slli_epi32(s, 23),
+        _mm512_set1_epi32(0x0040_0000),
+    );
+    _mm512_castsi512_ps(bits)
+}
+
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn tile_mxfp4<const R: usize, const T: usize>(
@@ -112,8 +130,61 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
     // SAFETY: FP4_VALUES has 16 f32.
     let lut = unsafe { _mm512_loadu_ps(FP4_VALUES.as_ptr()) };
     let groups = cols / 32;
+    let spans = cols / 128;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
-    for g in 0..groups {
+
+    // Spans of 4 blocks: one 64-byte load per row. 32-bit lane i holds inputs 8i..8i+8 (block
+    // i / 4) as 8 nibbles; shifting by 4k brings nibble k to the bits vpermps reads.
+    for span in 0..spans {
+        let g = span * 4;
+        let mut codes = [_mm512_setzero_si512(); R];
+        let mut scale = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            let row = r0 + r;
+            // SAFETY: blocks g..g+4 of `row` are 64 bytes inside `blocks`.
+            codes[r] = unsafe {
+                _mm512_loadu_si512(
+                    blocks.as_ptr().add((row * groups + g) * MXFP4_BLOCK_BYTES) as *const _
+                )
+            };
+            let s = &scales[row * groups + g..row * groups + g + 4];
+            scale[r] = span_scales([s[0], s[1], s[2], s[3]]);
+        }
+        let mut sums = [_mm512_setzero_ps(); R];
+        for k in 0..8 {
+            let mut w = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                w[r] = _mm512_permutexvar_ps(codes[r], lut);
+                codes[r] = _mm512_srli_epi32(codes[r], 4);
+                if T > 1 {
+                    // Scale once, reuse for every token (power-of-two scaling is exact).
+                    w[r] = _mm512_mul_ps(w[r], scale[r]);
+                }
+            }
+            for t in 0..T {
+                // SAFETY: 16 activations of span `span`, nibble k, token t0 + t.
+                let xv = unsafe {
+                    _mm512_loadu_ps(x.as_ptr().add((t0 + t) * cols + span * 128 + k * 16))
+                };
+                for r in 0..R {
+                    if T > 1 {
+                        acc[r][t] = _mm512_fmadd_ps(w[r], xv, acc[r][t]);
+                    } else {
+                        sums[r] = _mm512_fmadd_ps(w[r], xv, sums[r]);
+                    }
+                }
+            }
+        }
+        if T == 1 {
+            // One token: scale the span's sums once.
+            for r in 0..R {
+                acc[r][0] = _mm512_fmadd_ps(sums[r], scale[r], acc[r][0]);
+            }
+        }
+    }
+
+    // Remaining blocks one at a time, `x` de-interleaved per block.
+    for g in spans * 4..groups {
         let mut even = [_mm512_setzero_ps(); R];
         let mut odd = [_mm512_setzero_ps(); R];
         for r in 0..R {
@@ -126,12 +197,11 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
             };
             let codes = _mm512_cvtepu8_epi32(bytes);
             let scale = _mm512_set1_ps(super::scalar::e8m0_to_f32(scales[row * groups + g]));
-            // vpermps reads only the low 4 bits of each index: no mask needed for the low nibble.
-            let lo = _mm512_permutexvar_ps(codes, lut);
-            let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), lut);
-            // Power-of-two scaling of FP4 values is exact.
-            even[r] = _mm512_mul_ps(lo, scale);
-            odd[r] = _mm512_mul_ps(hi, scale);
+            even[r] = _mm512_mul_ps(_mm512_permutexvar_ps(codes, lut), scale);
+            odd[r] = _mm512_mul_ps(
+                _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), lut),
+                scale,
+            );
         }
         for t in 0..T {
             let base = (t0 + t) * cols + g * 32;

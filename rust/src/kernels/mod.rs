@@ -196,7 +196,8 @@ fn prepare_activations<'a>(
         (Isa::Scalar, _) => x.into(),
         (Isa::Avx512, WeightMatrix::Bf16(_)) => unpack_order(x, cols, 32).into(),
         (Isa::Avx2, WeightMatrix::Bf16(_)) => unpack_order(x, cols, 16).into(),
-        (Isa::Avx2 | Isa::Avx512, WeightMatrix::Mxfp4 { .. }) => deinterleave_pairs(x).into(),
+        (Isa::Avx2, WeightMatrix::Mxfp4 { .. }) => deinterleave_pairs(x).into(),
+        (Isa::Avx512, WeightMatrix::Mxfp4 { .. }) => nibble_order(x, cols).into(),
     }
 }
 
@@ -260,6 +261,29 @@ pub fn unpack_order(x: &[f32], cols: usize, block: usize) -> Vec<f32> {
             for (lane, group) in src.chunks_exact(8).enumerate() {
                 dst[lane * 4..lane * 4 + 4].copy_from_slice(&group[..4]);
                 dst[half + lane * 4..half + lane * 4 + 4].copy_from_slice(&group[4..]);
+            }
+        }
+    }
+    out
+}
+
+/// The AVX-512 MXFP4 order: each full 128-value span of a row is read as 16 lanes × 8 nibbles,
+/// lane i holding values 8i..8i+8; nibble k of every lane is one vector, so the span becomes
+/// `[x[8i + k] for i in 0..16]` for k = 0..8. Remaining 32-blocks are de-interleaved as in
+/// [`deinterleave_pairs`].
+pub fn nibble_order(x: &[f32], cols: usize) -> Vec<f32> {
+    let mut out = deinterleave_pairs(x);
+    let spans = cols / 128;
+    for (src_row, dst_row) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+        for (src, dst) in src_row
+            .chunks_exact(128)
+            .zip(dst_row.chunks_exact_mut(128))
+            .take(spans)
+        {
+            for k in 0..8 {
+                for i in 0..16 {
+                    dst[k * 16 + i] = src[8 * i + k];
+                }
             }
         }
     }
