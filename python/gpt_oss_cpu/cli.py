@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands)
     _add_synth(commands)
+    _add_bench(commands)
     return parser
 
 
@@ -189,6 +190,83 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         Path(args.dir).expanduser(), args.config, seed=args.seed, progress=not args.no_progress
     )
     print(out_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------------------- bench
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "bench",
+        help="measure load, prefill and decode speed against the memory-bandwidth roofline",
+        description="Benchmark a checkpoint with random token ids: load time, first call, "
+        "prefill and decode tokens/s, memory bandwidth, the decode roofline (bandwidth / bytes "
+        "read per token) and peak memory. Without --model, a synthetic gpt-oss-20b checkpoint "
+        "in the user cache directory is used (written on first use, 13.8 GB).",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="checkpoint directory (default: $XDG_CACHE_HOME/gpt-oss-cpu/synthetic-20b)",
+    )
+    p.add_argument(
+        "--pp", type=_positive_int, default=512, metavar="N", help="prompt tokens (default 512)"
+    )
+    p.add_argument(
+        "--tg", type=_positive_int, default=128, metavar="N", help="decoded tokens (default 128)"
+    )
+    p.add_argument(
+        "--depth",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="tokens in the KV cache before decoding (default 0)",
+    )
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    p.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None)
+    p.add_argument(
+        "--repetitions",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="measure prefill and decode N times, report the median",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from . import bench
+
+    if args.model is None:
+        model_dir = bench.ensure_synthetic_checkpoint(progress=True)
+    else:
+        model_dir = Path(args.model).expanduser()
+        if not model_dir.is_dir():
+            raise CliError(f"model directory not found: {model_dir}")
+
+    def log(message: str) -> None:
+        if sys.stderr.isatty():
+            print(f"[{PROG} bench] {message}", file=sys.stderr, flush=True)
+
+    result = bench.run_benchmark(
+        model_dir,
+        pp=args.pp,
+        tg=args.tg,
+        depth=args.depth,
+        threads=args.threads,
+        isa=args.isa,
+        repetitions=args.repetitions,
+        log=log,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(bench.format_table(result))
     return 0
 
 

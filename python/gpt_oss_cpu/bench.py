@@ -1,0 +1,425 @@
+"""End-to-end speed measurement of one checkpoint: load, prefill, decode, and the memory roofline.
+
+:func:`run_benchmark` does everything ``gpt-oss-cpu bench`` reports, in one process:
+
+1. load the checkpoint (``Model.load``) and time it;
+2. run one short forward pass (8 tokens) and time it separately: the first call pays for paging
+   the memory-mapped weights in, which the later measurements should not;
+3. prefill: append ``pp`` random token ids at once to a fresh session (tokens per second);
+4. decode: fill a session with ``depth`` tokens (not timed), then append ``tg`` tokens one at a
+   time (tokens per second at that depth);
+5. measure the machine's memory read bandwidth, and compare decoding against the *roofline*:
+   batch-1 decoding must stream every active weight once per token, so it cannot run faster than
+   ``bandwidth / bytes_per_token`` (:func:`decode_bytes_per_token`, computed from the config).
+
+Token ids are random (seeded), so any checkpoint works, including the synthetic ones written by
+:mod:`gpt_oss_cpu.synthetic`; a random-weight model is exactly as fast as the real one.
+
+Example:
+    >>> from gpt_oss_cpu import bench, synthetic
+    >>> result = bench.run_benchmark("/tmp/gpt-oss-tiny", pp=16, tg=4)   # doctest: +SKIP
+    >>> result.tg_tok_s > 0                                              # doctest: +SKIP
+    True
+    >>> bench.decode_bytes_per_token(synthetic.CONFIGS["20b"], depth=0)
+    3708187392
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from . import synthetic
+
+if TYPE_CHECKING:
+    from ._core import Config
+
+__all__ = [
+    "BenchResult",
+    "decode_bytes_breakdown",
+    "decode_bytes_per_token",
+    "default_synthetic_dir",
+    "ensure_synthetic_checkpoint",
+    "format_table",
+    "peak_rss_bytes",
+    "run_benchmark",
+]
+
+#: Tokens of the warm-up forward pass (its time is reported as ``first_call_s``).
+WARMUP_TOKENS = 8
+#: Buffer size and passes of the memory bandwidth measurement.
+BANDWIDTH_BYTES = 1 << 30
+BANDWIDTH_REPEATS = 5
+#: The depth prefix is appended in chunks of this many tokens (bounds activation memory).
+DEPTH_CHUNK = 512
+
+_BF16 = 2  # bytes per bf16 parameter
+_KV_ITEM = 4  # the KV cache holds float32 keys and values
+
+
+# ------------------------------------------------------------------------- bytes per token
+
+
+def _get(config: Config | Mapping[str, Any], key: str) -> Any:
+    if isinstance(config, Mapping):
+        return config[key]
+    return getattr(config, key)
+
+
+def decode_bytes_breakdown(config: Config | Mapping[str, Any], depth: int) -> dict[str, int]:
+    """Bytes one decoded token reads, by component (see :func:`decode_bytes_per_token`).
+
+    Keys: ``attention`` (q/k/v/o weights and biases, sinks), ``router``, ``experts`` (the top-k
+    experts' MXFP4 blocks, scales and bf16 biases), ``norms``, ``unembedding``, ``embedding``
+    (one row) and ``kv_cache``.
+
+    Example:
+        >>> parts = decode_bytes_breakdown(synthetic.CONFIGS["20b"], depth=0)
+        >>> parts["experts"] // 24 // 4    # SPEC §3.5: bytes per expert
+        13236480
+    """
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    hidden = int(_get(config, "hidden_size"))
+    inter = int(_get(config, "intermediate_size"))
+    head_dim = int(_get(config, "head_dim"))
+    heads = int(_get(config, "num_attention_heads"))
+    kv_heads = int(_get(config, "num_key_value_heads"))
+    experts = int(_get(config, "num_local_experts"))
+    top_k = int(_get(config, "num_experts_per_tok"))
+    vocab = int(_get(config, "vocab_size"))
+    window = int(_get(config, "sliding_window"))
+    layer_types = list(_get(config, "layer_types"))
+    layers = int(_get(config, "num_hidden_layers"))
+    if len(layer_types) != layers:
+        raise ValueError(f"layer_types lists {len(layer_types)} layers, expected {layers}")
+
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    attention_params = (
+        q_width * hidden + q_width  # q_proj weight + bias
+        + 2 * (kv_width * hidden + kv_width)  # k_proj, v_proj
+        + hidden * q_width + hidden  # o_proj
+        + heads  # sinks
+    )  # fmt: skip
+    router_params = experts * hidden + experts
+
+    def mxfp4_bytes(out: int, fan_in: int) -> int:
+        groups = fan_in // 32
+        return out * groups * 16 + out * groups + out * _BF16  # blocks + scales + bias
+
+    expert_bytes = mxfp4_bytes(2 * inter, hidden) + mxfp4_bytes(hidden, inter)
+
+    # The token being decoded attends to every cached position and to itself; a sliding layer
+    # sees the last `window` positions including itself (SPEC §4.3.4).
+    attended = depth + 1
+    kv_position_bytes = _KV_ITEM * kv_width * 2  # K and V
+    kv_bytes = sum(
+        kv_position_bytes * (min(attended, window) if kind == "sliding_attention" else attended)
+        for kind in layer_types
+    )
+    return {
+        "attention": layers * attention_params * _BF16,
+        "router": layers * router_params * _BF16,
+        "experts": layers * top_k * expert_bytes,
+        "norms": (2 * layers + 1) * hidden * _BF16,
+        "unembedding": vocab * hidden * _BF16,
+        "embedding": hidden * _BF16,
+        "kv_cache": kv_bytes,
+    }
+
+
+def decode_bytes_per_token(config: Config | Mapping[str, Any], depth: int) -> int:
+    """Bytes of weights and KV cache that decoding one token reads, computed from the config.
+
+    Batch-1 decoding is memory-bound: every active parameter is streamed from memory once per
+    token, so ``bandwidth / decode_bytes_per_token`` is the speed limit (the roofline). Counted:
+    per layer the attention weights and biases (q, k, v, o; bf16) and sinks, the router, the
+    ``num_experts_per_tok`` chosen experts in MXFP4 (blocks, scales, bf16 biases), the two
+    RMSNorm scales; then the final norm, the unembedding (``vocab x hidden`` bf16) and one
+    embedding row. The KV cache adds float32 K and V for every position the new token attends
+    to: ``depth`` cached positions plus itself, at most ``sliding_window`` in sliding layers.
+
+    Args:
+        config: a :class:`gpt_oss_cpu.Config` or a ``config.json`` dict (Hugging Face keys).
+        depth: tokens already in the cache when the token is decoded.
+
+    Example:
+        >>> decode_bytes_per_token(synthetic.CONFIGS["20b"], depth=0)    # ~3.71 GB
+        3708187392
+    """
+    return sum(decode_bytes_breakdown(config, depth).values())
+
+
+# ------------------------------------------------------------------------------- checkpoint
+
+
+def default_synthetic_dir() -> Path:
+    """Where ``gpt-oss-cpu bench`` keeps its synthetic 20b checkpoint.
+
+    ``$XDG_CACHE_HOME/gpt-oss-cpu/synthetic-20b``, or ``~/.cache/gpt-oss-cpu/synthetic-20b``.
+    """
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "gpt-oss-cpu" / "synthetic-20b"
+
+
+def ensure_synthetic_checkpoint(
+    directory: str | os.PathLike[str] | None = None, *, progress: bool = True
+) -> Path:
+    """Returns a synthetic gpt-oss-20b checkpoint directory, writing it (13.8 GB) if needed.
+
+    A directory holding ``config.json`` is complete (the writer writes it last); anything else
+    is (re)written with :func:`gpt_oss_cpu.synthetic.write_checkpoint`, with a progress bar on
+    stderr when ``progress`` is true.
+    """
+    path = Path(directory) if directory is not None else default_synthetic_dir()
+    if (path / "config.json").is_file():
+        return path
+    if progress:
+        print(f"writing a synthetic gpt-oss-20b checkpoint to {path} (once)", file=sys.stderr)
+    return synthetic.write_checkpoint(path, "20b", progress=progress)
+
+
+def _checkpoint_file_bytes(path: Path) -> int:
+    """On-disk size of the checkpoint's safetensors files."""
+    return sum(p.stat().st_size for p in path.glob("*.safetensors") if p.is_file())
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------- result
+
+
+@dataclass
+class BenchResult:
+    """Everything ``gpt-oss-cpu bench`` measures. Speeds are medians over the repetitions.
+
+    Attributes:
+        load_s: ``Model.load`` wall time.
+        first_call_s: wall time of the first forward pass (``WARMUP_TOKENS`` tokens), which pages
+            the weights in.
+        bandwidth_gbs: measured memory read bandwidth, GB/s (1e9 bytes).
+        pp, pp_tok_s: prompt length and prefill speed.
+        tg, tg_tok_s, depth: decoded tokens, decode speed, tokens in the cache before decoding.
+        bytes_per_token: :func:`decode_bytes_per_token` averaged over the decoded positions
+            (``bytes_breakdown`` splits it by component).
+        roofline_tok_s: ``bandwidth / bytes_per_token``; ``roofline_pct`` is
+            ``100 * tg_tok_s / roofline_tok_s``.
+        peak_rss_bytes: peak resident memory of the process (mapped weights included), measured
+            before the bandwidth test's 1 GiB buffer.
+        checkpoint_bytes: size of the ``*.safetensors`` files.
+        isa, threads: kernel instruction set and compute threads of the loaded model.
+        model: the checkpoint directory.
+        version: gpt-oss-cpu version of the extension.
+        repetitions: how many times prefill and decode were measured.
+        pp_tok_s_runs, tg_tok_s_runs: the speed of each repetition.
+    """
+
+    load_s: float
+    first_call_s: float
+    bandwidth_gbs: float
+    pp: int
+    pp_tok_s: float
+    tg: int
+    tg_tok_s: float
+    depth: int
+    bytes_per_token: int
+    roofline_tok_s: float
+    roofline_pct: float
+    peak_rss_bytes: int
+    checkpoint_bytes: int
+    isa: str
+    threads: int
+    model: str
+    version: str = "unknown"
+    repetitions: int = 1
+    pp_tok_s_runs: list[float] = field(default_factory=list)
+    tg_tok_s_runs: list[float] = field(default_factory=list)
+    bytes_breakdown: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the keys of ``gpt-oss-cpu bench --json``)."""
+        return asdict(self)
+
+
+# -------------------------------------------------------------------------------------- run
+
+
+def run_benchmark(
+    model_dir: str | os.PathLike[str],
+    *,
+    pp: int = 512,
+    tg: int = 128,
+    depth: int = 0,
+    threads: int | None = None,
+    isa: Literal["scalar", "avx2", "avx512"] | None = None,
+    repetitions: int = 1,
+    seed: int = 0,
+    bandwidth_bytes: int = BANDWIDTH_BYTES,
+    log: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Loads ``model_dir`` and measures load, prefill, decode and the decode roofline.
+
+    Args:
+        model_dir: checkpoint directory (anything ``Model.load`` accepts).
+        pp: prompt tokens appended at once for the prefill measurement.
+        tg: tokens decoded one at a time.
+        depth: tokens in the cache before decoding starts (filled untimed).
+        threads, isa: passed to ``Model.load``.
+        repetitions: prefill and decode are measured this many times; medians are reported.
+        seed: seed of the random token ids.
+        bandwidth_bytes: buffer size of the bandwidth measurement.
+        log: called with a short message before each step (progress on a terminal).
+
+    Raises:
+        ValueError: non-positive ``pp``, ``tg`` or ``repetitions``, or negative ``depth``.
+        GptOssError: the checkpoint cannot be loaded (see ``Model.load``).
+
+    Example:
+        >>> r = run_benchmark("/tmp/gpt-oss-tiny", pp=16, tg=4)   # doctest: +SKIP
+        >>> list(r.to_dict())[:3]                                 # doctest: +SKIP
+        ['load_s', 'first_call_s', 'bandwidth_gbs']
+    """
+    from . import _core
+    from .model import Model
+
+    if pp < 1 or tg < 1 or repetitions < 1:
+        raise ValueError(f"pp, tg and repetitions must be >= 1, got {pp}, {tg}, {repetitions}")
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    say = log or (lambda _message: None)
+
+    say("loading")
+    t0 = time.perf_counter()
+    model = Model.load(model_dir, threads=threads, isa=isa)
+    load_s = time.perf_counter() - t0
+    config = model.config
+    vocab = int(config.vocab_size)
+    rng = np.random.default_rng(seed)
+
+    def random_ids(n: int) -> np.ndarray:
+        return rng.integers(0, vocab, size=n, dtype=np.int64)
+
+    say(f"first call ({WARMUP_TOKENS} tokens)")
+    warmup_ids = random_ids(WARMUP_TOKENS)
+    with model.session(max_context=WARMUP_TOKENS) as session:
+        inner = session._session
+        t0 = time.perf_counter()
+        inner.append(warmup_ids, False)
+        first_call_s = time.perf_counter() - t0
+
+    pp_runs: list[float] = []
+    for rep in range(repetitions):
+        say(f"prefill {pp} tokens ({rep + 1}/{repetitions})")
+        prompt = random_ids(pp)
+        with model.session(max_context=pp) as session:
+            inner = session._session
+            t0 = time.perf_counter()
+            inner.append(prompt, False)
+            pp_runs.append(pp / (time.perf_counter() - t0))
+
+    tg_runs: list[float] = []
+    with model.session(max_context=depth + tg) as session:
+        inner = session._session
+        if depth:
+            say(f"filling the cache with {depth} tokens")
+            prefix = random_ids(depth)
+            for start in range(0, depth, DEPTH_CHUNK):
+                inner.append(prefix[start : start + DEPTH_CHUNK], False)
+        for rep in range(repetitions):
+            say(f"decode {tg} tokens at depth {depth} ({rep + 1}/{repetitions})")
+            inner.truncate(depth)
+            steps = [np.array([t], dtype=np.int64) for t in random_ids(tg)]
+            t0 = time.perf_counter()
+            for step in steps:
+                inner.append(step, False)
+            tg_runs.append(tg / (time.perf_counter() - t0))
+
+    peak_rss = peak_rss_bytes()  # before the bandwidth buffer inflates it
+    say("memory bandwidth")
+    bandwidth = _core.measure_read_bandwidth(bandwidth_bytes, model.threads, BANDWIDTH_REPEATS)
+
+    # Decoding runs at positions depth .. depth + tg - 1: average the KV bytes over them (the
+    # weights are the same for every token).
+    positions = [decode_bytes_breakdown(config, depth + i) for i in range(tg)]
+    breakdown = dict(positions[0])
+    breakdown["kv_cache"] = round(statistics.fmean(p["kv_cache"] for p in positions))
+    bytes_per_token = sum(breakdown.values())
+    tg_tok_s = statistics.median(tg_runs)
+    roofline_tok_s = bandwidth / bytes_per_token
+    return BenchResult(
+        load_s=load_s,
+        first_call_s=first_call_s,
+        bandwidth_gbs=bandwidth / 1e9,
+        pp=pp,
+        pp_tok_s=statistics.median(pp_runs),
+        tg=tg,
+        tg_tok_s=tg_tok_s,
+        depth=depth,
+        bytes_per_token=bytes_per_token,
+        roofline_tok_s=roofline_tok_s,
+        roofline_pct=100.0 * tg_tok_s / roofline_tok_s,
+        peak_rss_bytes=peak_rss,
+        checkpoint_bytes=_checkpoint_file_bytes(model.path),
+        isa=model.isa,
+        threads=model.threads,
+        model=str(model.path),
+        version=str(_core.build_info().get("version", "unknown")),
+        repetitions=repetitions,
+        pp_tok_s_runs=pp_runs,
+        tg_tok_s_runs=tg_runs,
+        bytes_breakdown=breakdown,
+    )
+
+
+def format_table(result: BenchResult) -> str:
+    """The human-readable report ``gpt-oss-cpu bench`` prints.
+
+    Example:
+        >>> print(format_table(result))   # doctest: +SKIP
+    """
+    r = result
+    b = r.bytes_breakdown
+    weights = sum(v for k, v in b.items() if k != "kv_cache")
+
+    def runs(values: list[float]) -> str:
+        if len(values) < 2:
+            return ""
+        return "  [" + ", ".join(f"{v:.2f}" for v in values) + "]"
+
+    threads = f"{r.threads} thread" + ("s" if r.threads != 1 else "")
+    rows = [
+        ("model", r.model),
+        ("build", f"gpt-oss-cpu {r.version}, isa {r.isa}, {threads}"),
+        ("load", f"{r.load_s:.3f} s"),
+        ("first call", f"{r.first_call_s:.3f} s ({WARMUP_TOKENS} tokens)"),
+        (f"prefill pp{r.pp}", f"{r.pp_tok_s:.2f} tok/s{runs(r.pp_tok_s_runs)}"),
+        (
+            f"decode tg{r.tg} @ depth {r.depth}",
+            f"{r.tg_tok_s:.2f} tok/s ({1000 / r.tg_tok_s:.1f} ms/token){runs(r.tg_tok_s_runs)}",
+        ),
+        ("memory bandwidth", f"{r.bandwidth_gbs:.2f} GB/s (read, {threads})"),
+        (
+            "bytes per token",
+            f"{r.bytes_per_token / 1e9:.4f} GB (weights {weights / 1e9:.4f} GB, "
+            f"KV cache {b.get('kv_cache', 0) / 1e6:.2f} MB)",
+        ),
+        ("decode roofline", f"{r.roofline_tok_s:.2f} tok/s"),
+        ("% of roofline", f"{r.roofline_pct:.1f} %"),
+        ("peak RSS", f"{r.peak_rss_bytes / 2**30:.2f} GiB"),
+        ("checkpoint", f"{r.checkpoint_bytes / 2**30:.2f} GiB on disk"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
