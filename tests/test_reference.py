@@ -460,3 +460,30 @@ def test_threads_invariance(model_dir: Path, ref, model_name: str, report: Repor
     assert diff <= THREADS_TOL, f"threads=1 vs 2: {diff:.3e}"
     with one.session(max_context=64) as s1, two.session(max_context=64) as s2:
         assert max_abs_diff(s1.append(ids[:40]), s2.append(ids[:40])) <= THREADS_TOL
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_kernel_isa_matches_golden(
+    model_dir: Path, ref, isa: str, model_name: str, report: Report
+) -> None:
+    """Each instruction set's kernels (scalar is the portable oracle) reproduce the golden logits,
+    offset positions and greedy tokens, not just the one this CPU picks by default."""
+    if isa not in gpt_oss_cpu.build_info()["supported_isas"]:
+        pytest.skip(f"this CPU does not support {isa}")
+    model = gpt_oss_cpu.Model.load(str(model_dir), isa=isa)
+    assert model.isa == isa
+    assert_logits_match(
+        model.forward(ref["input_ids"]),
+        ref["logits"],
+        LOGIT_TOL,
+        f"isa={isa} logits",
+        report,
+        model_name,
+    )
+    got = model.forward(ref["input_ids"], start_position=int(ref["position_offset"]))
+    assert_logits_match(
+        got, ref["logits_pos_offset"], LOGIT_TOL, f"isa={isa} start_position", report, model_name
+    )
+    with model.session(max_context=64) as session:
+        gen = list(session.generate(ref["gen_prompt_ids"], len(ref["gen_ids"])))
+    assert gen == ref["gen_ids"].tolist()
