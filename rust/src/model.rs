@@ -534,9 +534,9 @@ impl KeyValues for KeySource<'_> {
     }
 }
 
-/// Scaled dot-product attention with GQA (query head h reads KV head h / (H / G)), a per-head sink
-/// logit, causal masking, and an optional sliding window of `window` keys including the current
-/// one (SPEC §4.3.4). One task per (token, query head).
+/// Scaled dot-product attention with GQA (query heads `g·(H/G)..(g+1)·(H/G)` read KV head g), a
+/// per-head sink logit, causal masking, and an optional sliding window of `window` keys including
+/// the current one (SPEC §4.3.4). One task per (token, KV head).
 fn attend(
     isa: Isa,
     q: &[f32],
@@ -548,17 +548,18 @@ fn attend(
 ) {
     let scale = 1.0 / (heads.dim as f32).sqrt();
     let group = heads.q / heads.kv;
-    out.par_chunks_mut(heads.dim)
+    let group_width = group * heads.dim;
+    out.par_chunks_mut(group_width)
         .enumerate()
         .for_each_init(Vec::new, |scores, (task, o)| {
-            let (i, h) = (task / heads.q, task % heads.q);
+            let (i, g) = (task / heads.kv, task % heads.kv);
             let position = src.first + i;
             let query = Query {
-                q: &q[task * heads.dim..(task + 1) * heads.dim],
-                kv_offset: (h / group) * heads.dim,
+                q: &q[task * group_width..(task + 1) * group_width],
+                kv_offset: g * heads.dim,
                 first: window.map_or(0, |w| (position + 1).saturating_sub(w)),
                 last: position,
-                sink: sinks[h],
+                sinks: &sinks[g * group..(g + 1) * group],
                 scale,
             };
             attention::attend(isa, src, &query, scores, o);

@@ -1,5 +1,6 @@
-//! Attention of one query head over its keys (SPEC §4.3.4), fused: scores, the sink, softmax and
-//! the weighted sum of values, with only one row of scores in memory.
+//! Attention of the query heads that share one KV head (a GQA group) over their keys (SPEC
+//! §4.3.4), fused: scores, the sink, softmax and the weighted sum of values, with only the group's
+//! rows of scores in memory. Each key and value row is read once for the whole group.
 //!
 //! The arithmetic is written once, in plain Rust with 16-lane partial sums, and compiled three
 //! times: as is (the scalar oracle) and inside `#[target_feature]` wrappers where LLVM
@@ -16,21 +17,23 @@ pub trait KeyValues: Sync {
     fn value(&self, j: usize) -> &[f32];
 }
 
-/// One query head at one position.
+/// The query heads of one GQA group at one position.
 pub struct Query<'a> {
+    /// `[heads, head_dim]`: consecutive query heads sharing one KV head.
     pub q: &'a [f32],
-    /// Offset of this head's KV head inside a key or value row.
+    /// Offset of the group's KV head inside a key or value row.
     pub kv_offset: usize,
     /// Attended positions `first..=last`.
     pub first: usize,
     pub last: usize,
-    /// Learned logit added to the softmax denominator only.
-    pub sink: f32,
+    /// Per head: a learned logit added to the softmax denominator only.
+    pub sinks: &'a [f32],
     pub scale: f32,
 }
 
-/// `out = Σ_j softmax_j · v_j` where the softmax runs over the scores `q·k_j · scale` and the sink,
-/// whose probability is dropped (SPEC §9.5). `scores` is scratch space.
+/// For each head h of the group, `out[h] = Σ_j softmax_j · v_j` where the softmax runs over the
+/// scores `q_h·k_j · scale` and the head's sink, whose probability is dropped (SPEC §9.5).
+/// `out` is `[heads, head_dim]`; `scores` is scratch space.
 pub fn attend<S: KeyValues>(
     isa: Isa,
     kv: &S,
@@ -69,28 +72,42 @@ unsafe fn attend_avx512<S: KeyValues>(
 
 #[inline(always)]
 fn attend_generic<S: KeyValues>(kv: &S, query: &Query, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let dim = out.len();
+    let heads = query.sinks.len();
+    let dim = out.len() / heads;
+    let keys = query.last + 1 - query.first;
     scores.clear();
-    let mut max = query.sink;
-    for j in query.first..=query.last {
+    scores.resize(heads * keys, 0.0);
+    for (jj, j) in (query.first..=query.last).enumerate() {
         let k = &kv.key(j)[query.kv_offset..query.kv_offset + dim];
-        let s = dot(query.q, k) * query.scale;
-        max = max.max(s);
-        scores.push(s);
-    }
-    for s in scores.iter_mut() {
-        *s = exp(*s - max);
-    }
-    let denominator = exp(query.sink - max) + sum(scores);
-    out.fill(0.0);
-    for (j, &p) in (query.first..=query.last).zip(scores.iter()) {
-        let v = &kv.value(j)[query.kv_offset..query.kv_offset + dim];
-        for (o, &vi) in out.iter_mut().zip(v) {
-            *o += p * vi;
+        for (h, q) in query.q.chunks_exact(dim).enumerate() {
+            scores[h * keys + jj] = dot(q, k) * query.scale;
         }
     }
-    let inv = 1.0 / denominator;
-    out.iter_mut().for_each(|o| *o *= inv);
+    let mut inv_denominator = vec![0f32; heads];
+    for ((row, &sink), inv) in scores
+        .chunks_exact_mut(keys)
+        .zip(query.sinks)
+        .zip(&mut inv_denominator)
+    {
+        let max = row.iter().fold(sink, |m, &s| m.max(s));
+        for s in row.iter_mut() {
+            *s = exp(*s - max);
+        }
+        *inv = 1.0 / (exp(sink - max) + sum(row));
+    }
+    out.fill(0.0);
+    for (jj, j) in (query.first..=query.last).enumerate() {
+        let v = &kv.value(j)[query.kv_offset..query.kv_offset + dim];
+        for (h, o) in out.chunks_exact_mut(dim).enumerate() {
+            let p = scores[h * keys + jj];
+            for (oi, &vi) in o.iter_mut().zip(v) {
+                *oi += p * vi;
+            }
+        }
+    }
+    for (o, &inv) in out.chunks_exact_mut(dim).zip(&inv_denominator) {
+        o.iter_mut().for_each(|oi| *oi *= inv);
+    }
 }
 
 /// Sum with 16 partial sums (vectorisable, and the same order on every instruction set).
@@ -190,39 +207,45 @@ mod tests {
                 .collect(),
             dim,
         );
-        let q: Vec<f32> = (0..dim).map(|i| (i as f32 - 30.0) / 25.0).collect();
+        // Two query heads sharing the KV head, with different sinks.
+        let q: Vec<f32> = (0..2 * dim)
+            .map(|i| ((i * 13 % 64) as f32 - 30.0) / 25.0)
+            .collect();
+        let sinks = [0.7, -0.3];
         let query = Query {
             q: &q,
             kv_offset: 0,
             first: 3,
             last: 39,
-            sink: 0.7,
+            sinks: &sinks,
             scale: 0.125,
         };
         // Reference in f64: softmax over the scores and the sink, sink probability dropped.
-        let scores: Vec<f64> = (3..=39)
-            .map(|j| {
-                q.iter()
-                    .zip(kv.key(j))
-                    .map(|(a, b)| (a * b) as f64)
-                    .sum::<f64>()
-                    * 0.125
-            })
-            .collect();
-        let max = scores.iter().cloned().fold(0.7f64, f64::max);
-        let den: f64 = scores.iter().map(|s| (s - max).exp()).sum::<f64>() + (0.7 - max).exp();
-        let want: Vec<f64> = (0..dim)
-            .map(|d| {
+        let mut want = Vec::new();
+        for (qh, &sink) in q.chunks(dim).zip(&sinks) {
+            let scores: Vec<f64> = (3..=39)
+                .map(|j| {
+                    qh.iter()
+                        .zip(kv.key(j))
+                        .map(|(a, b)| (a * b) as f64)
+                        .sum::<f64>()
+                        * 0.125
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(sink as f64, f64::max);
+            let den: f64 =
+                scores.iter().map(|s| (s - max).exp()).sum::<f64>() + (sink as f64 - max).exp();
+            want.extend((0..dim).map(|d| {
                 (3..=39)
                     .zip(&scores)
                     .map(|(j, s)| (s - max).exp() * kv.value(j)[d] as f64)
                     .sum::<f64>()
                     / den
-            })
-            .collect();
+            }));
+        }
         let mut first = None;
         for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
-            let mut out = vec![0f32; dim];
+            let mut out = vec![0f32; 2 * dim];
             attend(isa, &kv, &query, &mut Vec::new(), &mut out);
             for (o, w) in out.iter().zip(&want) {
                 assert!((*o as f64 - w).abs() < 1e-5, "{isa:?}: {o} vs {w}");
