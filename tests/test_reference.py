@@ -334,6 +334,22 @@ def test_session_truncate_beyond_the_sliding_ring(model, ref, n: int) -> None:
     assert max_abs_diff(got, want) <= SELF_TOL
 
 
+def test_session_repeated_truncation_never_reads_overwritten_ring_slots(model, ref) -> None:
+    """A rollback, new tokens, then a deeper rollback: the discarded tokens' keys overwrote ring
+    slots of older positions, so the second rollback must not trust the ring (found in review:
+    this returned stale keys and logits off by 8)."""
+    ids = ref["long_input_ids"]
+    with model.session(max_context=2200) as session:
+        session.append(ids[:2000])
+        session.truncate(1500)
+        session.append(ids[2000:2100])
+        session.truncate(900)
+        got = session.append(ids[900:901])
+        assert session.tokens == ids[:901].tolist()
+    want = model.forward(ids[:901])[-1]
+    assert max_abs_diff(got, want) <= SELF_TOL
+
+
 def test_session_reset(model, ref) -> None:
     ids = ref["input_ids"]
     a, b = ids[:30], ids[30:50]

@@ -12,8 +12,12 @@ pub fn measure_read_bandwidth(bytes: usize, threads: usize, repeats: usize) -> R
         .build()
         .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
     let words = (bytes / 8).max(1 << 16);
+    let mut buffer: Vec<u64> = Vec::new();
+    buffer
+        .try_reserve_exact(words)
+        .map_err(|_| format!("cannot allocate a {bytes}-byte buffer"))?;
     // Non-zero contents so the pages are really allocated, not shared zero pages.
-    let buffer: Vec<u64> = (0..words as u64).collect();
+    buffer.extend(0..words as u64);
     let chunk = (1 << 20) / 8; // 1 MiB per task
     let mut best = f64::INFINITY;
     let mut checksum = 0u64;

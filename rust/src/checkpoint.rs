@@ -134,10 +134,6 @@ impl Checkpoint {
         })
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-
     /// Removes a tensor, checking its dtype and shape.
     pub fn take(&mut self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<TensorBytes> {
         let entry = self.tensors.remove(name).ok_or_else(|| {

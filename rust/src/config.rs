@@ -52,6 +52,11 @@ pub struct Config {
 /// The fixed MXFP4 block length: scales cover 32 consecutive inputs (SPEC §3.3).
 pub const MXFP4_BLOCK: usize = 32;
 
+/// Sanity bounds, far above any gpt-oss model (24 or 36 layers, widths <= 201,088), so that a
+/// corrupt config fails with a message instead of an impossible allocation.
+const MAX_LAYERS: usize = 1024;
+const MAX_DIM: usize = 1 << 24;
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -80,13 +85,10 @@ impl Config {
     }
 
     fn from_hf_keys(k: &Keys) -> Result<Self> {
-        let layers = k.usize("num_hidden_layers")?;
+        let layers = k.layer_count()?;
         // Newer transformers call it `rope_parameters` and move rope_theta inside (SPEC §1.1).
-        let rope = match k
-            .0
-            .get("rope_scaling")
-            .or_else(|| k.0.get("rope_parameters"))
-        {
+        let present = |key| k.0.get(key).filter(|v| !v.is_null());
+        let rope = match present("rope_scaling").or_else(|| present("rope_parameters")) {
             Some(Value::Object(m)) => Some(m),
             Some(Value::Null) | None => None,
             Some(_) => return Err(Error::Config("'rope_scaling' must be an object".into())),
@@ -176,7 +178,7 @@ impl Config {
     }
 
     fn from_original_keys(k: &Keys) -> Result<Self> {
-        let layers = k.usize("num_hidden_layers")?;
+        let layers = k.layer_count()?;
         let initial_context = k.usize("initial_context_length")?;
         let factor = k.f64("rope_scaling_factor")?;
         let vocab_size = k.usize("vocab_size")?;
@@ -228,11 +230,19 @@ impl Config {
             ("max_position_embeddings", self.max_position_embeddings),
         ];
         for (name, value) in positive {
-            if value == 0 {
+            if value == 0 || value > MAX_DIM {
                 return Err(Error::Config(format!(
-                    "{name}: expected a positive integer, found 0"
+                    "{name}: expected a positive integer up to {MAX_DIM}, found {value}"
                 )));
             }
+        }
+        // Widths derived from the above must stay sane too (q and kv projections).
+        let q_dim = self.num_attention_heads.checked_mul(self.head_dim);
+        if q_dim.is_none_or(|q| q > MAX_DIM) {
+            return Err(Error::Config(format!(
+                "num_attention_heads x head_dim = {} x {} exceeds {MAX_DIM}",
+                self.num_attention_heads, self.head_dim
+            )));
         }
         let bad = |msg: String| Err(Error::Config(msg));
         if !self
@@ -363,6 +373,17 @@ impl Keys<'_> {
                 "'{key}': expected a non-negative integer, found {v}"
             ))
         })
+    }
+
+    /// `num_hidden_layers`, bounded before anything is sized by it.
+    fn layer_count(&self) -> Result<usize> {
+        let layers = self.usize("num_hidden_layers")?;
+        if layers > MAX_LAYERS {
+            return Err(Error::Config(format!(
+                "num_hidden_layers: expected at most {MAX_LAYERS}, found {layers}"
+            )));
+        }
+        Ok(layers)
     }
 
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {

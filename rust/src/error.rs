@@ -1,5 +1,5 @@
-//! Errors of the engine. Every failure a user can cause is one of these, never a panic: the Python
-//! bindings map each variant to an exception class of the same name.
+//! Errors of the engine. Every failure a user can cause through the Python API is one of these,
+//! not a panic: the bindings map each variant to an exception class of the same name.
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -18,6 +18,20 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A zeroed f32 buffer of `len` values, or an error naming `what` when it cannot be allocated
+/// (an out-of-memory abort cannot be caught, so large buffers sized by user input come from here).
+pub fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
+    let mut buffer = Vec::new();
+    buffer.try_reserve_exact(len).map_err(|_| {
+        Error::Input(format!(
+            "{what}: cannot allocate {:.1} GB",
+            len as f64 * std::mem::size_of::<f32>() as f64 / 1e9
+        ))
+    })?;
+    buffer.resize(len, 0.0);
+    Ok(buffer)
+}
 
 impl Error {
     pub fn io(path: &std::path::Path, err: &std::io::Error) -> Self {

@@ -5,6 +5,7 @@
 //! the extra slots let [`KvCache::truncate`] step back that far without recomputing anything.
 
 use crate::config::Config;
+use crate::error::{try_zeroed, Result};
 
 /// Positions a sliding layer keeps beyond its window, so that short rollbacks (regenerating a reply,
 /// reusing a prompt prefix) stay cheap.
@@ -65,44 +66,52 @@ impl LayerCache {
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
     /// Token ids in the cache, in order.
-    pub tokens: Vec<u32>,
+    tokens: Vec<u32>,
     pub max_context: usize,
     /// RoPE position of the first cached token (a stateless forward may start anywhere).
     pub position_offset: usize,
-    /// Smallest ring capacity over the sliding layers (`usize::MAX` when there are none).
+    /// Ring capacity of the sliding layers (`usize::MAX` when there are none).
     ring_capacity: usize,
+    /// Positions from here on are still in the rings. Never lowered by `truncate`: the slots of
+    /// discarded positions may already have overwritten older ones.
+    ring_valid_from: usize,
     sliding_window: usize,
 }
 
 impl KvCache {
-    pub fn new(config: &Config, max_context: usize, position_offset: usize) -> Self {
+    pub fn new(config: &Config, max_context: usize, position_offset: usize) -> Result<Self> {
         let kv_dim = config.kv_dim();
         let capacity = (config.sliding_window + ROLLBACK_SLOTS).min(max_context);
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let ring = config.is_sliding(l).then_some(capacity);
-                let slots = ring.unwrap_or(0);
-                LayerCache {
-                    keys: vec![0.0; slots * kv_dim],
-                    values: vec![0.0; slots * kv_dim],
+                let len = ring.unwrap_or(0).saturating_mul(kv_dim);
+                Ok(LayerCache {
+                    keys: try_zeroed(len, "sliding-window KV cache")?,
+                    values: try_zeroed(len, "sliding-window KV cache")?,
                     ring,
                     kv_dim,
-                }
+                })
             })
-            .collect::<Vec<_>>();
+            .collect::<Result<Vec<_>>>()?;
         let ring_capacity = if layers.iter().any(|l| l.ring.is_some()) {
             capacity
         } else {
             usize::MAX
         };
-        KvCache {
+        Ok(KvCache {
             layers,
             tokens: Vec::new(),
             max_context,
             position_offset,
             ring_capacity,
+            ring_valid_from: 0,
             sliding_window: config.sliding_window,
-        }
+        })
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
     pub fn len(&self) -> usize {
@@ -113,13 +122,22 @@ impl KvCache {
         self.tokens.is_empty()
     }
 
+    /// Records `tokens` as appended, once every layer has stored their keys and values.
+    pub fn commit(&mut self, tokens: &[u32]) {
+        self.tokens.extend_from_slice(tokens);
+        self.ring_valid_from = self
+            .ring_valid_from
+            .max(self.len().saturating_sub(self.ring_capacity));
+    }
+
     /// Drops every position from `n` on. Returns false when the sliding rings no longer hold the
     /// window before `n` (the caller must then recompute the prefix).
     pub fn truncate(&mut self, n: usize) -> bool {
         if n >= self.len() {
             return true;
         }
-        let reachable = self.len() - n + self.sliding_window.min(n) <= self.ring_capacity;
+        // The next position, n, attends to the window n - (window - 1) ..= n.
+        let reachable = n.saturating_sub(self.sliding_window - 1) >= self.ring_valid_from;
         if reachable {
             self.tokens.truncate(n);
         }
@@ -128,6 +146,7 @@ impl KvCache {
 
     pub fn clear(&mut self) {
         self.tokens.clear();
+        self.ring_valid_from = 0;
     }
 
     pub fn bytes(&self) -> usize {

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{try_zeroed, Error, Result};
 use crate::kernels::attention::{self, KeyValues, Query};
 use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, WeightMatrix};
 use crate::kv_cache::{KvCache, LayerCache};
@@ -15,6 +15,9 @@ use crate::weights::{LayerWeights, Linear, Mxfp4Experts, Weights};
 
 /// Tokens per forward chunk: bounds activation memory for long prompts.
 const PREFILL_CHUNK: usize = 512;
+
+/// Upper bound on `threads`: a typo should not try to start millions of threads.
+const MAX_THREADS: usize = 4096;
 
 /// SwiGLU gate slope, hard-coded in the reference (SPEC §4.4).
 const SWIGLU_ALPHA: f32 = 1.702;
@@ -76,7 +79,11 @@ impl Model {
         let checkpoint_bytes = checkpoint.total_bytes;
         checkpoint.finish()?;
         let threads = match threads {
-            Some(0) => return Err(Error::Input("threads must be at least 1".into())),
+            Some(n) if n == 0 || n > MAX_THREADS => {
+                return Err(Error::Input(format!(
+                    "threads must be between 1 and {MAX_THREADS}, found {n}"
+                )))
+            }
             Some(n) => n,
             None => default_threads(),
         };
@@ -103,14 +110,14 @@ impl Model {
     /// Logits `[T, vocab]` of `tokens` placed at positions `start_position..`, with no cache kept.
     pub fn forward(&self, tokens: &[u32], start_position: usize) -> Result<Vec<f32>> {
         self.check_positions(start_position, tokens.len())?;
-        let mut cache = KvCache::new(&self.config, tokens.len(), start_position);
+        let mut cache = KvCache::new(&self.config, tokens.len(), start_position)?;
         self.extend(&mut cache, tokens, LogitRows::All, None)
     }
 
     /// As [`Model::forward`], also recording router choices and per-layer outputs.
     pub fn trace(&self, tokens: &[u32], start_position: usize) -> Result<(Vec<f32>, Trace)> {
         self.check_positions(start_position, tokens.len())?;
-        let mut cache = KvCache::new(&self.config, tokens.len(), start_position);
+        let mut cache = KvCache::new(&self.config, tokens.len(), start_position)?;
         let layers = self.config.num_hidden_layers;
         let mut trace = Trace {
             topk_idx: vec![Vec::new(); layers],
@@ -167,8 +174,14 @@ impl Model {
                 cache.max_context
             )));
         }
+        let logit_rows = match rows {
+            LogitRows::All => tokens.len(),
+            LogitRows::Last => 1,
+            LogitRows::None => 0,
+        };
+        let mut logits = try_zeroed(logit_rows.saturating_mul(self.config.vocab_size), "logits")?;
+        logits.clear();
         self.pool.install(|| {
-            let mut logits = Vec::new();
             let chunks = tokens.chunks(PREFILL_CHUNK);
             let last_chunk = chunks.len() - 1;
             for (i, chunk) in chunks.enumerate() {
@@ -222,7 +235,7 @@ impl Model {
                 trace.layer_outputs[l].extend_from_slice(&x);
             }
         }
-        cache.tokens.extend_from_slice(tokens);
+        cache.commit(tokens);
 
         let x = match rows {
             LogitRows::All => &x[..],

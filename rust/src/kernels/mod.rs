@@ -42,6 +42,14 @@ impl Isa {
         }
     }
 
+    /// The instruction set called `name` (`"scalar"`, `"avx2"` or `"avx512"`).
+    pub fn from_name(name: &str) -> Result<Isa, String> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name() == name)
+            .ok_or_else(|| format!("expected one of scalar, avx2, avx512, found {name:?}"))
+    }
+
     /// Whether this CPU can run the kernels of `self`.
     pub fn is_supported(self) -> bool {
         match self {
@@ -63,12 +71,7 @@ impl Isa {
     fn select() -> Result<Isa, String> {
         match std::env::var(ISA_ENV) {
             Ok(name) if !name.is_empty() => {
-                let isa = Isa::ALL
-                    .into_iter()
-                    .find(|i| i.name() == name)
-                    .ok_or_else(|| {
-                        format!("{ISA_ENV}={name}: expected one of scalar, avx2, avx512")
-                    })?;
+                let isa = Isa::from_name(&name).map_err(|e| format!("{ISA_ENV}: {e}"))?;
                 if isa.is_supported() {
                     Ok(isa)
                 } else {
@@ -117,7 +120,16 @@ pub struct Matmul<'a> {
 
 /// Runs several products as one parallel region, their rows split into tasks over the current
 /// rayon pool: one synchronisation instead of one per matrix (q/k/v, or the routed experts).
+///
+/// # Panics
+/// If this CPU does not support `isa` (running its kernels would be undefined behaviour), or a
+/// job has no columns.
 pub fn matmul_batch(isa: Isa, jobs: Vec<Matmul<'_>>) {
+    assert!(
+        isa.is_supported(),
+        "this CPU does not support {}",
+        isa.name()
+    );
     struct Spec<'a> {
         weights: WeightMatrix<'a>,
         cols: usize,
@@ -127,8 +139,12 @@ pub fn matmul_batch(isa: Isa, jobs: Vec<Matmul<'_>>) {
     let mut specs = Vec::with_capacity(jobs.len());
     let mut outputs = Vec::with_capacity(jobs.len());
     for job in jobs {
+        assert!(job.cols > 0, "a matrix product needs at least one column");
         let tokens = job.x.len() / job.cols;
         debug_assert_eq!(job.y.len(), tokens * job.rows);
+        if tokens == 0 {
+            continue;
+        }
         let x = prepare_activations(isa, job.weights, job.x, job.cols);
         specs.push(Spec {
             weights: job.weights,
