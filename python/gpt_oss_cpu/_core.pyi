@@ -84,16 +84,62 @@ class Engine:
     def session(self, max_context: int) -> Session: ...
 
 class Sampler:
-    """Chooses the next token from logits: greedy at temperature 0, seeded sampling otherwise."""
+    """Chooses the next token from logits.
+
+    Steps, in order: ``repetition_penalty`` (divide positive / multiply negative logits of tokens in
+    the history), ``presence_penalty`` + ``frequency_penalty * count`` subtracted over the history,
+    ``logit_bias`` added; then temperature 0 is greedy argmax (lowest id on ties), otherwise the
+    logits are divided by ``temperature`` and cut by ``top_k`` (0 = off), ``top_p`` and ``min_p``
+    (relative to the most likely token) before a seeded draw. The history is every token this
+    sampler drew plus those given to :meth:`accept`. With ``logprobs=n`` each draw records
+    ``log_softmax`` of the logits after penalties, bias and temperature (temperature 1 when
+    greedy), before the cuts.
+
+    Example:
+        >>> s = Sampler(0.8, top_k=40, seed=1, logprobs=2)         # doctest: +SKIP
+        >>> token = s.sample(logits)                              # doctest: +SKIP
+        >>> s.last_logprobs()      # [(id, logprob), (id, logprob)], best first  # doctest: +SKIP
+    """
 
     def __init__(
-        self, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None
+        self,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        *,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int = 0,
     ) -> None: ...
     @property
     def temperature(self) -> float: ...
     @property
     def top_p(self) -> float: ...
-    def sample(self, logits: npt.ArrayLike) -> int: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def logit_bias(self) -> dict[int, float]: ...
+    @property
+    def logprobs(self) -> int: ...
+    @property
+    def history(self) -> list[int]: ...
+    def sample(self, logits: npt.NDArray[np.float32]) -> int: ...
+    def accept(self, token: int) -> None: ...
+    def clear_history(self) -> None: ...
+    def last_logprobs(self) -> list[tuple[int, float]]: ...
+    def last_token_logprob(self) -> tuple[int, float] | None: ...
 
 class Session:
     """A KV cache bound to one Engine: incremental decoding with prefix reuse."""

@@ -14,7 +14,7 @@ use crate::config::{AttentionKind, Config, Layout};
 use crate::error::Error;
 use crate::kernels::{self, Isa, Matmul, WeightMatrix};
 use crate::model::Model;
-use crate::sampling::Sampler;
+use crate::sampling::{Sampler, SamplingParams};
 use crate::session::Session;
 
 /// Exception classes, created at import so that some can also derive from `ValueError`.
@@ -298,17 +298,7 @@ impl PyEngine {
         threads: Option<usize>,
         isa: Option<&str>,
     ) -> PyResult<PyEngine> {
-        let isa = match isa {
-            None => None,
-            Some(name) => Some(Isa::ALL.into_iter().find(|i| i.name() == name).ok_or_else(
-                || {
-                    input_error(
-                        py,
-                        format!("isa: expected one of scalar, avx2, avx512, found {name:?}"),
-                    )
-                },
-            )?),
-        };
+        let isa = isa.map(|name| parse_isa(py, Some(name))).transpose()?;
         let model = py
             .detach(|| Model::load(&path, threads, isa))
             .map_err(|e| to_py_err(py, e))?;
@@ -426,38 +416,193 @@ impl PyEngine {
     }
 }
 
-/// Chooses the next token from logits: greedy at temperature 0, seeded sampling otherwise.
+/// Chooses the next token from float32 logits.
+///
+/// Order: repetition_penalty (positive logits of tokens in the history divided by it, negative
+/// ones multiplied), presence_penalty + frequency_penalty * count subtracted over the history,
+/// logit_bias added; temperature 0 then takes the argmax (lowest id on ties), otherwise the
+/// logits are divided by the temperature and cut by top_k (0 = off), top_p and min_p (relative
+/// to the most likely token) before a seeded draw. The history is every token this sampler drew
+/// plus the tokens given to accept(). With logprobs=n, last_logprobs() lists the n most likely
+/// (token, logprob) of the last draw, best first, and last_token_logprob() the drawn one, under
+/// log_softmax of the logits after penalties, bias and temperature (1 when greedy), before the
+/// cuts. Defaults: temperature 1, top_p 1, everything else off.
+///
+/// >>> s = Sampler(0.8, top_k=40, seed=1, logprobs=2)
+/// >>> token = s.sample(logits)
+/// >>> s.last_logprobs()  # [(id, logprob), (id, logprob)]
 #[pyclass(module = "gpt_oss_cpu", name = "Sampler")]
 struct PySampler {
     inner: Sampler,
 }
 
+/// A non-negative Python integer as a usize, or an InputError naming the argument.
+fn non_negative(py: Python<'_>, value: i64, name: &str) -> PyResult<usize> {
+    usize::try_from(value)
+        .map_err(|_| input_error(py, format!("{name} must be >= 0, found {value}")))
+}
+
 #[pymethods]
 impl PySampler {
     #[new]
-    #[pyo3(signature = (temperature=1.0, top_p=1.0, seed=None))]
-    fn new(py: Python<'_>, temperature: f32, top_p: f32, seed: Option<u64>) -> PyResult<Self> {
-        let inner = Sampler::new(temperature, top_p, seed).map_err(|e| to_py_err(py, e))?;
+    #[pyo3(signature = (
+        temperature=1.0,
+        top_p=1.0,
+        seed=None,
+        *,
+        top_k=0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        logit_bias=None,
+        logprobs=0,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        temperature: f32,
+        top_p: f32,
+        seed: Option<u64>,
+        top_k: i64,
+        min_p: f32,
+        repetition_penalty: f32,
+        presence_penalty: f32,
+        frequency_penalty: f32,
+        logit_bias: Option<std::collections::HashMap<i64, f32>>,
+        logprobs: i64,
+    ) -> PyResult<Self> {
+        let mut bias = Vec::new();
+        for (id, b) in logit_bias.unwrap_or_default() {
+            let id = u32::try_from(id).map_err(|_| {
+                input_error(py, format!("logit_bias token id {id} is out of range"))
+            })?;
+            bias.push((id, b));
+        }
+        bias.sort_by_key(|&(id, _)| id);
+        let params = SamplingParams {
+            temperature,
+            top_p,
+            top_k: non_negative(py, top_k, "top_k")?,
+            min_p,
+            repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias: bias,
+            logprobs: non_negative(py, logprobs, "logprobs")?,
+        };
+        let inner = Sampler::with_params(params, seed).map_err(|e| to_py_err(py, e))?;
         Ok(PySampler { inner })
     }
 
     #[getter]
     fn temperature(&self) -> f32 {
-        self.inner.temperature
+        self.inner.params().temperature
     }
 
     #[getter]
     fn top_p(&self) -> f32 {
-        self.inner.top_p
+        self.inner.params().top_p
     }
 
+    #[getter]
+    fn top_k(&self) -> usize {
+        self.inner.params().top_k
+    }
+
+    #[getter]
+    fn min_p(&self) -> f32 {
+        self.inner.params().min_p
+    }
+
+    #[getter]
+    fn repetition_penalty(&self) -> f32 {
+        self.inner.params().repetition_penalty
+    }
+
+    #[getter]
+    fn presence_penalty(&self) -> f32 {
+        self.inner.params().presence_penalty
+    }
+
+    #[getter]
+    fn frequency_penalty(&self) -> f32 {
+        self.inner.params().frequency_penalty
+    }
+
+    #[getter]
+    fn logit_bias(&self) -> std::collections::HashMap<u32, f32> {
+        self.inner.params().logit_bias.iter().copied().collect()
+    }
+
+    #[getter]
+    fn logprobs(&self) -> usize {
+        self.inner.params().logprobs
+    }
+
+    /// Sampled and accepted tokens, in order: what the penalties see.
+    #[getter]
+    fn history(&self) -> Vec<u32> {
+        self.inner.history().to_vec()
+    }
+
+    /// Draws a token from float32 logits and adds it to the history.
     fn sample(&mut self, py: Python<'_>, logits: PyReadonlyArray1<'_, f32>) -> PyResult<u32> {
-        if logits.len() == 0 {
-            return Err(input_error(py, "logits are empty".into()));
-        }
-        let logits = logits.as_array();
-        let logits: Vec<f32> = logits.iter().copied().collect();
-        Ok(self.inner.sample(&logits))
+        let view = logits.as_array();
+        let owned;
+        let logits = match view.as_slice() {
+            Some(slice) => slice,
+            None => {
+                owned = view.iter().copied().collect::<Vec<f32>>();
+                &owned
+            }
+        };
+        let sampler = &mut self.inner;
+        py.detach(|| sampler.sample(logits))
+            .map_err(|e| to_py_err(py, e))
+    }
+
+    /// Adds a token chosen elsewhere to the history.
+    fn accept(&mut self, py: Python<'_>, token: i64) -> PyResult<()> {
+        let token = u32::try_from(token)
+            .map_err(|_| input_error(py, format!("token id {token} is out of range")))?;
+        self.inner.accept(token);
+        Ok(())
+    }
+
+    /// Forgets the history (the random stream goes on).
+    fn clear_history(&mut self) {
+        self.inner.clear_history();
+    }
+
+    /// `(token, logprob)` for the most likely tokens of the last draw, best first; empty when
+    /// `logprobs` is 0 or nothing was drawn yet.
+    fn last_logprobs(&self) -> Vec<(u32, f32)> {
+        self.inner
+            .last_logprobs()
+            .map_or_else(Vec::new, |lp| lp.top.clone())
+    }
+
+    /// `(token, logprob)` of the last drawn token, or None when `logprobs` is 0.
+    fn last_token_logprob(&self) -> Option<(u32, f32)> {
+        self.inner.last_logprobs().map(|lp| (lp.token, lp.logprob))
+    }
+
+    fn __repr__(&self) -> String {
+        let p = self.inner.params();
+        format!(
+            "Sampler(temperature={}, top_p={}, top_k={}, min_p={}, repetition_penalty={}, \
+             presence_penalty={}, frequency_penalty={}, logit_bias={} ids, logprobs={})",
+            p.temperature,
+            p.top_p,
+            p.top_k,
+            p.min_p,
+            p.repetition_penalty,
+            p.presence_penalty,
+            p.frequency_penalty,
+            p.logit_bias.len(),
+            p.logprobs
+        )
     }
 }
 
@@ -470,8 +615,8 @@ struct PySession {
 
 impl PySession {
     fn lock(&self) -> MutexGuard<'_, Session> {
-        // A panic cannot happen while the lock is held (no engine path panics), so a poisoned lock
-        // still guards a consistent session.
+        // Engine calls return errors rather than panic; should one panic anyway, the session's
+        // cache is still structurally valid, so a poisoned lock is taken over.
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -518,8 +663,11 @@ impl PySession {
         Ok(logits.map(|l| PyArray1::from_vec(py, l)))
     }
 
+    /// Draws from the logits of the last append with `sampler` (which adds the token to its
+    /// history); the session itself is unchanged.
     fn sample(&self, py: Python<'_>, sampler: &Bound<'_, PySampler>) -> PyResult<u32> {
-        let mut sampler = sampler.borrow_mut();
+        // A sampler busy in another thread is a RuntimeError, not a panic.
+        let mut sampler = sampler.try_borrow_mut()?;
         let sampler = &mut sampler.inner;
         py.detach(|| self.lock().sample(sampler))
             .map_err(|e| to_py_err(py, e))
@@ -539,15 +687,7 @@ impl PySession {
 fn parse_isa(py: Python<'_>, name: Option<&str>) -> PyResult<Isa> {
     let isa = match name {
         None => kernels::default_isa().map_err(|msg| input_error(py, msg))?,
-        Some(name) => Isa::ALL
-            .into_iter()
-            .find(|i| i.name() == name)
-            .ok_or_else(|| {
-                input_error(
-                    py,
-                    format!("isa: expected one of scalar, avx2, avx512, found {name:?}"),
-                )
-            })?,
+        Some(name) => Isa::from_name(name).map_err(|e| input_error(py, format!("isa: {e}")))?,
     };
     if !isa.is_supported() {
         return Err(input_error(
@@ -570,7 +710,7 @@ fn matmul_bf16<'py>(
 ) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
     let isa = parse_isa(py, isa)?;
     let (tokens, cols, rows, w_cols) = (x.shape()[0], x.shape()[1], w.shape()[0], w.shape()[1]);
-    if cols != w_cols || tokens == 0 || rows == 0 {
+    if cols != w_cols || tokens == 0 || rows == 0 || cols == 0 {
         return Err(input_error(
             py,
             format!("shapes x {:?} and w {:?} do not fit", x.shape(), w.shape()),
@@ -605,7 +745,9 @@ fn matmul_mxfp4<'py>(
     let (rows, groups, block_bytes) = (blocks.shape()[0], blocks.shape()[1], blocks.shape()[2]);
     let (s_rows, s_groups) = (scales.shape()[0], scales.shape()[1]);
     if block_bytes != 16
-        || groups * 32 != cols
+        || groups == 0
+        || rows == 0
+        || groups.checked_mul(32) != Some(cols)
         || s_rows != rows
         || s_groups != groups
         || tokens == 0

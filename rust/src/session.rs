@@ -19,7 +19,7 @@ impl Session {
             return Err(Error::Input("max_context must be at least 1".into()));
         }
         model.check_positions(0, max_context)?;
-        let cache = KvCache::new(&model.config, max_context, 0);
+        let cache = KvCache::new(&model.config, max_context, 0)?;
         Ok(Session {
             model,
             cache,
@@ -36,7 +36,7 @@ impl Session {
     }
 
     pub fn tokens(&self) -> &[u32] {
-        &self.cache.tokens
+        self.cache.tokens()
     }
 
     /// Runs `tokens` after the cached ones; returns the logits after the last of them.
@@ -53,7 +53,7 @@ impl Session {
             .last_logits
             .as_deref()
             .ok_or_else(|| Error::Input("no logits to sample from: append tokens first".into()))?;
-        Ok(sampler.sample(logits))
+        sampler.sample(logits)
     }
 
     /// Keeps the first `n` tokens. The logits of the last append are dropped unless `n` keeps
@@ -71,7 +71,7 @@ impl Session {
         self.last_logits = None;
         if !self.cache.truncate(n) {
             // The sliding layers' rings no longer hold the window before `n`: recompute the prefix.
-            let prefix = self.cache.tokens[..n].to_vec();
+            let prefix = self.cache.tokens()[..n].to_vec();
             self.cache.clear();
             if !prefix.is_empty() {
                 self.model
