@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_synth(commands)
     _add_bench(commands)
+    _add_chat(commands)
     return parser
 
 
@@ -267,6 +268,158 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict()))
     else:
         print(bench.format_table(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- chat
+
+_DIM = "\x1b[2m"
+_RESET = "\x1b[0m"
+
+
+def _add_chat(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "chat",
+        help="chat with the model in the Harmony format (interactive, streaming)",
+        description="Read one user message per line from stdin and stream the answers, with "
+        "the conversation kept across turns (the KV cache is reused). The reasoning is shown "
+        "dimmed unless --hide-reasoning; speed goes to stderr. Commands: /reset clears the "
+        "history, /exit quits (as does end of input). Ctrl-C stops the current answer.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument(
+        "--reasoning",
+        choices=("low", "medium", "high"),
+        default="medium",
+        help="reasoning effort (default medium)",
+    )
+    p.add_argument("--system", default=None, metavar="TEXT", help="system instructions")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
+    p.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="most tokens per answer (default: until the context is full)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=1.0, metavar="T", help="default 1.0; 0 = greedy"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    p.add_argument(
+        "--max-context",
+        type=_positive_int,
+        default=8192,
+        metavar="N",
+        help="KV-cache size in tokens for the whole conversation (default 8192)",
+    )
+    p.set_defaults(handler=_cmd_chat)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    import gpt_oss_cpu
+
+    from .chat import ChatResult, ContentDelta, Done, ReasoningDelta, ToolCall
+
+    model_dir = Path(args.model).expanduser()
+    if not model_dir.is_dir():
+        raise CliError(f"model directory not found: {model_dir}")
+    model = gpt_oss_cpu.Model.load(str(model_dir), threads=args.threads)
+    tokenizer = model.tokenizer
+    out: TextIO = sys.stdout
+    dim = out.isatty()
+    system: list[dict[str, object]] = (
+        [{"role": "system", "content": args.system}] if args.system else []
+    )
+
+    def answer(session: gpt_oss_cpu.Session, messages: list[dict[str, object]]) -> str:
+        """Streams one answer; returns its content (partial if interrupted)."""
+        in_reasoning = False
+        content: list[str] = []
+        done: Done | None = None
+        t_start = time.perf_counter()
+        events = session.chat(
+            messages,
+            reasoning_effort=args.reasoning,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            tokenizer=tokenizer,
+        )
+        assert not isinstance(events, ChatResult)
+        try:
+            for event in events:
+                if isinstance(event, ReasoningDelta):
+                    if args.hide_reasoning:
+                        continue
+                    if not in_reasoning:
+                        out.write(_DIM if dim else "[reasoning] ")
+                        in_reasoning = True
+                    out.write(event.text)
+                else:
+                    if in_reasoning:
+                        out.write(_RESET + "\n" if dim else "\n")
+                        in_reasoning = False
+                    if isinstance(event, ContentDelta):
+                        content.append(event.text)
+                        out.write(event.text)
+                    elif isinstance(event, ToolCall):
+                        out.write(f"[tool call {event.name}({event.raw_arguments})]")
+                    elif isinstance(event, Done):
+                        done = event
+                out.flush()
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            print(f"\n[{PROG}] interrupted", file=sys.stderr)
+        except Exception as exc:  # e.g. a full context: report it, keep the session
+            if not isinstance(exc, _user_error_types()):
+                raise
+            print(f"\n[{PROG}] error: {_one_line(exc)} (/reset starts over)", file=sys.stderr)
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+            out.write((_RESET if in_reasoning and dim else "") + "\n")
+            out.flush()
+        if done is not None:
+            elapsed = time.perf_counter() - t_start
+            usage = done.usage
+            print(
+                f"[{PROG}] {usage['completion_tokens']} tokens in {elapsed:.2f} s, "
+                f"{_rate(usage['completion_tokens'], elapsed)} | prompt "
+                f"{usage['prompt_tokens']} tokens ({usage['cached_tokens']} cached) | "
+                f"finish: {done.finish_reason}",
+                file=sys.stderr,
+            )
+        return "".join(content)
+
+    interactive = sys.stdin.isatty()
+    messages = list(system)
+    with model.session(max_context=args.max_context) as session:
+        while True:
+            if interactive:
+                out.write(">>> ")
+                out.flush()
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                break
+            text = line.rstrip("\r\n")
+            command = text.strip()
+            if not command:
+                continue
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                messages = list(system)
+                session.reset()
+                print(f"[{PROG}] history cleared", file=sys.stderr)
+                continue
+            messages.append({"role": "user", "content": text})
+            reply = answer(session, messages)
+            if reply:
+                messages.append({"role": "assistant", "content": reply})
     return 0
 
 
