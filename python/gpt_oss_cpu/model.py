@@ -244,6 +244,25 @@ class Session:
         """Empties the cache."""
         self._session.reset()
 
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the cached tokens, keys and values and the last logits to ``path``.
+
+        Example:
+            >>> session.save("conversation.kv")                    # doctest: +SKIP
+            >>> resumed = Session.load(model, "conversation.kv")   # doctest: +SKIP
+        """
+        self._session.save(os.fspath(path))
+
+    @classmethod
+    def load(cls, model: Model, path: str | os.PathLike[str]) -> Session:
+        """Resumes a session saved by :meth:`save` without recomputing it.
+
+        Raises:
+            InputError: the file is not a session file, is truncated, or was saved with another
+                model (the message gives both model fingerprints).
+        """
+        return cls(model._engine.load_session(os.fspath(path)))
+
     def generate(
         self,
         ids: TokenIds,

@@ -152,4 +152,67 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerCache::bytes).sum()
     }
+
+    /// What a session file stores per layer: the keys and values of the cached positions (full
+    /// layers) or the whole ring (sliding layers).
+    pub fn layer_data(&self) -> Vec<(&[f32], &[f32])> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let n = if l.ring.is_some() {
+                    l.keys.len()
+                } else {
+                    self.len() * l.kv_dim
+                };
+                (&l.keys[..n], &l.values[..n])
+            })
+            .collect()
+    }
+
+    pub fn ring_valid_from(&self) -> usize {
+        self.ring_valid_from
+    }
+
+    /// Refills an empty cache with the contents [`KvCache::layer_data`] gave, checking every size.
+    pub fn restore(
+        &mut self,
+        tokens: Vec<u32>,
+        ring_valid_from: usize,
+        data: Vec<(Vec<f32>, Vec<f32>)>,
+    ) -> std::result::Result<(), String> {
+        if tokens.len() > self.max_context {
+            return Err(format!(
+                "{} tokens exceed max_context {}",
+                tokens.len(),
+                self.max_context
+            ));
+        }
+        if data.len() != self.layers.len() {
+            return Err(format!(
+                "{} layers, expected {}",
+                data.len(),
+                self.layers.len()
+            ));
+        }
+        for (i, (layer, (keys, values))) in self.layers.iter().zip(&data).enumerate() {
+            let expected = if layer.ring.is_some() {
+                layer.keys.len()
+            } else {
+                tokens.len() * layer.kv_dim
+            };
+            if keys.len() != expected || values.len() != expected {
+                return Err(format!(
+                    "layer {i}: {} values, expected {expected}",
+                    keys.len()
+                ));
+            }
+        }
+        for (layer, (keys, values)) in self.layers.iter_mut().zip(data) {
+            layer.keys = keys;
+            layer.values = values;
+        }
+        self.tokens = tokens;
+        self.ring_valid_from = ring_valid_from;
+        Ok(())
+    }
 }

@@ -29,6 +29,8 @@ pub struct Model {
     pub checkpoint_bytes: u64,
     /// Instruction set of the matrix kernels.
     pub isa: Isa,
+    /// Identifies the weights, so a saved session is only resumed with the model that made it.
+    pub fingerprint: u64,
     weights: Weights,
     rope: Rope,
     pool: rayon::ThreadPool,
@@ -92,7 +94,9 @@ impl Model {
             .thread_name(|i| format!("gpt-oss-cpu-{i}"))
             .build()
             .map_err(|e| Error::Input(format!("cannot start {threads} threads: {e}")))?;
+        let fingerprint = weights.fingerprint(&config);
         Ok(Model {
+            fingerprint,
             rope: Rope::new(&config),
             config,
             dir: dir.to_path_buf(),

@@ -397,6 +397,17 @@ impl PyEngine {
         ))
     }
 
+    /// Resumes a session written by `Session.save` with this model.
+    fn load_session(&self, py: Python<'_>, path: PathBuf) -> PyResult<PySession> {
+        let model = Arc::clone(&self.model);
+        let session = py
+            .detach(|| Session::load(model, &path))
+            .map_err(|e| to_py_err(py, e))?;
+        Ok(PySession {
+            inner: Mutex::new(session),
+        })
+    }
+
     fn session(&self, py: Python<'_>, max_context: i64) -> PyResult<PySession> {
         let max_context = position(py, max_context, "max_context")?;
         let session =
@@ -676,6 +687,12 @@ impl PySession {
     fn truncate(&self, py: Python<'_>, n: i64) -> PyResult<()> {
         let n = position(py, n, "n")?;
         py.detach(|| self.lock().truncate(n))
+            .map_err(|e| to_py_err(py, e))
+    }
+
+    /// Writes the session (tokens, KV cache, last logits) to `path`.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| self.lock().save(&path))
             .map_err(|e| to_py_err(py, e))
     }
 

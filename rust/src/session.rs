@@ -1,5 +1,7 @@
 //! A conversation's state: the KV cache of one [`Model`] and the logits of its last position.
 
+use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -89,4 +91,115 @@ impl Session {
     pub fn cache_bytes(&self) -> usize {
         self.cache.bytes()
     }
+
+    /// Writes the cached tokens, keys and values and the last logits to `path`, so that
+    /// [`Session::load`] resumes exactly here without recomputing anything.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let layers = self.cache.layer_data();
+        let header = serde_json::json!({
+            "format": SESSION_FORMAT,
+            "model": format!("{:016x}", self.model.fingerprint),
+            "max_context": self.cache.max_context,
+            "tokens": self.cache.tokens(),
+            "ring_valid_from": self.cache.ring_valid_from(),
+            "layer_values": layers.iter().map(|(k, _)| k.len()).collect::<Vec<_>>(),
+            "logits": self.last_logits.as_ref().map_or(0, Vec::len),
+        })
+        .to_string();
+        let io = |e: std::io::Error| {
+            Error::Input(format!("cannot write session file {}: {e}", path.display()))
+        };
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+        out.write_all(SESSION_MAGIC).map_err(io)?;
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        out.write_all(header.as_bytes()).map_err(io)?;
+        let last_logits = self.last_logits.as_deref().unwrap_or_default();
+        for values in layers
+            .iter()
+            .flat_map(|(k, v)| [*k, *v])
+            .chain([last_logits])
+        {
+            out.write_all(bytemuck::cast_slice(values)).map_err(io)?;
+        }
+        out.flush().map_err(io)
+    }
+
+    /// Resumes a session saved by [`Session::save`] with the same model.
+    pub fn load(model: Arc<Model>, path: &Path) -> Result<Self> {
+        let bad = |msg: String| Error::Input(format!("session file {}: {msg}", path.display()));
+        let mut file =
+            std::io::BufReader::new(std::fs::File::open(path).map_err(|e| bad(e.to_string()))?);
+        let mut magic = [0u8; 8];
+        let mut len = [0u8; 8];
+        file.read_exact(&mut magic)
+            .map_err(|e| bad(e.to_string()))?;
+        if &magic != SESSION_MAGIC {
+            return Err(bad("not a gpt-oss-cpu session file".into()));
+        }
+        file.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
+        let len = u64::from_le_bytes(len);
+        if len > 1 << 30 {
+            return Err(bad(format!("header of {len} bytes")));
+        }
+        let mut header = vec![0u8; len as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| bad(format!("truncated header: {e}")))?;
+        let header: SessionHeader =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+        if header.format != SESSION_FORMAT {
+            return Err(bad(format!(
+                "format {}, expected {SESSION_FORMAT}",
+                header.format
+            )));
+        }
+        let fingerprint = format!("{:016x}", model.fingerprint);
+        if header.model != fingerprint {
+            return Err(bad(format!(
+                "saved with another model (fingerprint {}, this model {fingerprint} at {})",
+                header.model,
+                model.dir.display()
+            )));
+        }
+        let mut session = Session::new(model, header.max_context)?;
+        let mut read = |n: usize| -> Result<Vec<f32>> {
+            let mut values = crate::error::try_zeroed(n, "session file")?;
+            file.read_exact(bytemuck::cast_slice_mut(&mut values))
+                .map_err(|e| bad(format!("truncated data: {e}")))?;
+            Ok(values)
+        };
+        let mut layers = Vec::with_capacity(header.layer_values.len());
+        for &n in &header.layer_values {
+            layers.push((read(n)?, read(n)?));
+        }
+        let logits = read(header.logits)?;
+        session
+            .cache
+            .restore(header.tokens, header.ring_valid_from, layers)
+            .map_err(bad)?;
+        if !logits.is_empty() {
+            if logits.len() != session.model.config.vocab_size {
+                return Err(bad(format!(
+                    "{} logits, expected the vocabulary size",
+                    logits.len()
+                )));
+            }
+            session.last_logits = Some(logits);
+        }
+        Ok(session)
+    }
+}
+
+const SESSION_MAGIC: &[u8; 8] = b"GOCPUKV\0";
+const SESSION_FORMAT: u32 = 1;
+
+#[derive(serde::Deserialize)]
+struct SessionHeader {
+    format: u32,
+    model: String,
+    max_context: usize,
+    tokens: Vec<u32>,
+    ring_valid_from: usize,
+    layer_values: Vec<usize>,
+    logits: usize,
 }

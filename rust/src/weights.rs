@@ -141,6 +141,31 @@ impl Weights {
     }
 }
 
+impl Weights {
+    /// FNV-1a over the configuration and samples of the embedding, first layer and unembedding:
+    /// cheap (a few pages), and different for any two checkpoints one would confuse.
+    pub fn fingerprint(&self, config: &Config) -> u64 {
+        let sample = |m: &Bf16Matrix| -> Vec<u8> {
+            let data = m.data();
+            let n = data.len().min(4096);
+            data[..n]
+                .iter()
+                .chain(&data[data.len() - n..])
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        };
+        let mut bytes = format!("{config:?}").into_bytes();
+        bytes.extend(sample(&self.embedding));
+        bytes.extend(sample(&self.unembedding));
+        if let Some(layer) = self.layers.first() {
+            bytes.extend(sample(&layer.q.weight));
+        }
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+}
+
 fn load_layer(ck: &mut Checkpoint, c: &Config, names: &Names, l: usize) -> Result<LayerWeights> {
     let d = c.hidden_size;
     let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());

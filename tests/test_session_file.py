@@ -1,0 +1,78 @@
+"""Session.save / Session.load: a resumed session continues exactly where the saved one was."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gpt_oss_cpu
+import numpy as np
+import pytest
+from gpt_oss_cpu import InputError, Model, Session
+
+DATA = Path(__file__).parent / "data" / "models"
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model.load(DATA / "tiny-a")
+
+
+@pytest.fixture(scope="module")
+def ids() -> np.ndarray:
+    with np.load(DATA / "tiny-a" / "reference.npz") as ref:
+        return ref["long_input_ids"][:1340]
+
+
+@pytest.mark.parametrize("length", [5, 1300])  # within, and past, the sliding-window ring
+def test_resumed_session_gives_identical_logits_and_tokens(model, ids, length, tmp_path) -> None:
+    path = tmp_path / "s.kv"
+    with model.session(max_context=1400) as session:
+        session.append(ids[:length])
+        session.save(path)
+        want_next = list(session.generate([int(ids[length])], 6))
+        want_logits = session.append(ids[length + 10 : length + 20])
+    with Session.load(model, path) as resumed:
+        assert resumed.position == length
+        assert resumed.max_context == 1400
+        assert resumed.tokens == ids[:length].tolist()
+        # The saved last logits are there: sampling needs no recomputation.
+        got_next = list(resumed.generate([int(ids[length])], 6))
+        got_logits = resumed.append(ids[length + 10 : length + 20])
+    assert got_next == want_next
+    np.testing.assert_array_equal(got_logits, want_logits)
+
+
+def test_another_model_is_refused_with_both_fingerprints(model, ids, tmp_path) -> None:
+    path = tmp_path / "s.kv"
+    with model.session(max_context=64) as session:
+        session.append(ids[:8])
+        session.save(path)
+    other = Model.load(DATA / "tiny-b")
+    with pytest.raises(InputError, match="saved with another model"):
+        Session.load(other, path)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda b: b"NOTKV\0\0\0" + b[8:],
+        lambda b: b[: len(b) // 2],
+        lambda b: b[:20],
+        lambda b: b[:16] + b"[" + b[17:],
+    ],
+    ids=["magic", "truncated data", "truncated header", "bad header"],
+)
+def test_corrupt_files_raise_input_error(model, ids, tmp_path, corrupt) -> None:
+    path = tmp_path / "s.kv"
+    with model.session(max_context=64) as session:
+        session.append(ids[:8])
+        session.save(path)
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(gpt_oss_cpu.InputError, match=re.escape(path.name)):
+        Session.load(model, path)
+
+
+def test_missing_file(model, tmp_path) -> None:
+    with pytest.raises(InputError, match=r"missing\.kv"):
+        Session.load(model, tmp_path / "missing.kv")
