@@ -158,7 +158,7 @@ class Model:
             >>> with model.session(max_context=4096) as session:   # doctest: +SKIP
             ...     logits = session.append(ids)
         """
-        return Session(self._engine.session(max_context))
+        return Session(self._engine.session(max_context), self)
 
     def __repr__(self) -> str:
         return f"Model({str(self.path)!r}, layout={self.layout!r}, {self.config!r})"
@@ -202,8 +202,10 @@ class Session:
     Use it as a context manager to free the cache deterministically.
     """
 
-    def __init__(self, inner: _core.Session) -> None:
+    def __init__(self, inner: _core.Session, model: Model | None = None) -> None:
         self._inner: _core.Session | None = inner
+        # The model whose tokenizer chat() uses by default.
+        self._model = model
 
     @property
     def _session(self) -> _core.Session:
@@ -261,7 +263,7 @@ class Session:
             InputError: the file is not a session file, is truncated, or was saved with another
                 model (the message gives both model fingerprints).
         """
-        return cls(model._engine.load_session(os.fspath(path)))
+        return cls(model._engine.load_session(os.fspath(path)), model)
 
     def generate(
         self,
@@ -391,18 +393,25 @@ class Session:
         (``tool_calls``, ``tool_call_id`` and ``reasoning_content`` as in OpenAI's API); ``tools``
         are OpenAI function schemas. Generation stops at ``<|return|>``, ``<|call|>``, a ``stop``
         string (stripped) or ``max_tokens``. The KV cache keeps the prefix shared with the
-        previous turn. ``tokenizer`` defaults to the bundled o200k_harmony one; extra keywords go
+        previous turn. ``tokenizer`` defaults to the model's (or the bundled o200k_harmony one for
+        a session made without a model); extra keywords go
         to :meth:`generate`. With ``stream=True`` yields :class:`~.chat.ReasoningDelta`,
         :class:`~.chat.ContentDelta`, :class:`~.chat.ToolCall` events and a final
         :class:`~.chat.Done` with usage; with ``stream=False`` returns a :class:`~.chat.ChatResult`.
 
         Example:
-            >>> result = session.chat([{"role": "user", "content": "Hi"}], stream=False,
-            ...                       tokenizer=model.tokenizer)       # doctest: +SKIP
+            >>> messages = [{"role": "user", "content": "Hi"}]
+            >>> result = session.chat(messages, stream=False)          # doctest: +SKIP
             >>> result.content, result.usage["cached_tokens"]          # doctest: +SKIP
         """
         from . import chat
+        from .tokenizer import TokenizerNotFoundError
 
+        if tokenizer is None and self._model is not None:
+            try:
+                tokenizer = self._model.tokenizer
+            except TokenizerNotFoundError:
+                tokenizer = None  # chat falls back to the bundled o200k_harmony tokenizer
         return chat.chat(
             self,
             messages,
