@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(commands)
     _add_bench(commands)
     _add_chat(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -420,6 +421,87 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             reply = answer(session, messages)
             if reply:
                 messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+# --------------------------------------------------------------------------------------- serve
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible HTTP API (chat completions, responses)",
+        description="Serve the model over HTTP with OpenAI's /v1/chat/completions, "
+        "/v1/responses and /v1/models endpoints (needs the 'serve' extra: "
+        "pip install 'gpt-oss-cpu[serve]'). Requests queue for the one model; binds to "
+        "loopback unless --host says otherwise.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_non_negative_int, default=8000, metavar="N")
+    p.add_argument(
+        "--max-context",
+        type=_positive_int,
+        default=8192,
+        metavar="N",
+        help="KV-cache size in tokens, prompt and answer (default 8192)",
+    )
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("GPT_OSS_CPU_API_KEY"),
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $GPT_OSS_CPU_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--max-tokens-limit",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="most tokens one request may generate (default 4096)",
+    )
+    p.add_argument(
+        "--model-name",
+        default=None,
+        metavar="NAME",
+        help="model id reported by /v1/models (default: the directory name)",
+    )
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as exc:
+        raise CliError(
+            f"serving needs the 'serve' extra ({exc}): pip install 'gpt-oss-cpu[serve]'"
+        ) from None
+    import gpt_oss_cpu
+
+    model_dir = Path(args.model).expanduser()
+    if not model_dir.is_dir():
+        raise CliError(f"model directory not found: {model_dir}")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    model = gpt_oss_cpu.Model.load(str(model_dir), threads=args.threads)
+    name = args.model_name or model_dir.resolve().name
+    app = create_app(
+        model,
+        model_name=name,
+        api_key=args.api_key or None,
+        max_context=args.max_context,
+        max_tokens_limit=args.max_tokens_limit,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"[{PROG}] warning: serving on {args.host} without --api-key", file=sys.stderr)
+    where = f"http://{args.host}:{args.port}/v1" if args.port else f"{args.host}, a free port"
+    print(f"[{PROG}] serving {name!r} on {where}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 
