@@ -100,3 +100,12 @@ def tiny_a_dir() -> Path:
     path = MODELS / "tiny-a"
     assert (path / "config.json").is_file(), f"missing test checkpoint {path}"
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic checkpoint with the real 201,088-token vocabulary and tokenizer, written
+    once per test session (about 105 MB). Tests must not modify it."""
+    from gpt_oss_cpu import synthetic
+
+    return synthetic.write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", progress=False)

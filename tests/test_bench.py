@@ -74,7 +74,6 @@ def test_decode_bytes_kv_grows_with_depth_until_the_window() -> None:
 
 
 def test_decode_bytes_accepts_the_engine_config(tmp_path: Path) -> None:
-    pytest.importorskip("gpt_oss_cpu._core")
     import gpt_oss_cpu
 
     path = synthetic.write_checkpoint(tmp_path / "tiny", "tiny", progress=False)
@@ -134,15 +133,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bench") / "tiny"
-    synthetic.write_checkpoint(path, "tiny", progress=False)
-    return path
-
-
 def test_bench_cli_json(tiny_dir: Path) -> None:
-    pytest.importorskip("gpt_oss_cpu._core")
     result = run_cli("bench", "--model", str(tiny_dir), "--pp", "16", "--tg", "4", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -171,7 +162,6 @@ def test_bench_cli_json(tiny_dir: Path) -> None:
 
 
 def test_bench_cli_table_and_options(tiny_dir: Path) -> None:
-    pytest.importorskip("gpt_oss_cpu._core")
     args = ["bench", "--model", str(tiny_dir), "--pp", "8", "--tg", "3", "--depth", "130"]
     result = run_cli(*args, "--threads", "1", "--isa", "scalar", "--repetitions", "2")
     assert result.returncode == 0, result.stderr

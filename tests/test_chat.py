@@ -7,7 +7,6 @@ a given shape are scripted through a logits processor.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -17,14 +16,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import gpt_oss_cpu
 import numpy as np
 import numpy.typing as npt
 import pytest
-
-pytest.importorskip("gpt_oss_cpu._core")
-
-import gpt_oss_cpu
-from gpt_oss_cpu import harmony, synthetic
+from gpt_oss_cpu import harmony
 from gpt_oss_cpu.chat import (
     ChatResult,
     CompletionParser,
@@ -53,13 +49,6 @@ TOOL_CALL_TEXT = (
     '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}'
     "<|call|>"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("chat") / "tiny"
-    synthetic.write_checkpoint(path, "tiny", progress=False)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +99,6 @@ class Script:
         self.step += 1
         logits[:] = -np.inf
         logits[forced] = 0.0
-
-
-def need_processors() -> None:
-    params = inspect.signature(gpt_oss_cpu.Session.generate).parameters
-    if "logits_processors" not in params:
-        pytest.skip("Session.generate has no logits_processors keyword yet")
 
 
 def collect(events: Iterator[object] | ChatResult) -> list[object]:
@@ -474,7 +457,6 @@ def test_reused_prefix_gives_the_same_logits_as_a_fresh_session(
 def test_scripted_completion_stops_on_return_not_end(
     model: gpt_oss_cpu.Model, tok: gpt_oss_cpu.Tokenizer
 ) -> None:
-    need_processors()
     script = ids_of(
         tok,
         "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final"
@@ -525,7 +507,6 @@ def test_scripted_completion_stops_on_return_not_end(
 def test_end_to_end_tool_call_through_a_logits_processor(
     model: gpt_oss_cpu.Model, tok: gpt_oss_cpu.Tokenizer
 ) -> None:
-    need_processors()
     messages: list[dict[str, object]] = [{"role": "user", "content": "Weather in Paris?"}]
     script = ids_of(tok, TOOL_CALL_TEXT)
     with model.session(max_context=1024) as session:

@@ -8,25 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("gpt_oss_cpu._core")
-
 import gpt_oss_cpu
-from gpt_oss_cpu import synthetic
 from gpt_oss_cpu.cli import DEFAULT_STOP_TOKENS
 
 SUMMARY = re.compile(
     r"prompt (\d+) tokens \| generated (\d+) tokens.* \| "
     r"prefill [\d.]+ tok/s \([\d.]+ s\)( \| decode [\d.]+ tok/s \([\d.]+ s\))?$"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cli") / "tiny"
-    synthetic.write_checkpoint(path, "tiny", progress=False)
-    return path
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -17,23 +17,16 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
-
-import numpy as np
-import numpy.typing as npt
-import pytest
-
-pytest.importorskip("gpt_oss_cpu._core")
-pytest.importorskip("openai")
-pytest.importorskip("httpx")
-pytest.importorskip("uvicorn")
-pytest.importorskip("starlette")
 
 import gpt_oss_cpu
 import httpx
+import numpy as np
+import numpy.typing as npt
 import openai
+import pytest
 import uvicorn
-from gpt_oss_cpu import synthetic
 from gpt_oss_cpu.cli import build_parser
 from gpt_oss_cpu.server import create_app
 
@@ -116,10 +109,8 @@ def serve(app: Any) -> Running:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> gpt_oss_cpu.Model:
-    path = tmp_path_factory.mktemp("serve") / "tiny"
-    synthetic.write_checkpoint(path, "tiny", progress=False)
-    return gpt_oss_cpu.Model.load(str(path))
+def model(tiny_dir: Path) -> gpt_oss_cpu.Model:
+    return gpt_oss_cpu.Model.load(str(tiny_dir))
 
 
 @pytest.fixture(scope="module")

@@ -115,11 +115,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic.write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", progress=False)
-
-
 # ------------------------------------------------------------------------------------ plans
 
 
@@ -460,7 +455,6 @@ def test_convert_hf_to_original(tmp_path: Path) -> None:
 
 
 def test_engine_runs_the_tiny_checkpoint(tiny_dir: Path) -> None:
-    pytest.importorskip("gpt_oss_cpu._core")
     import gpt_oss_cpu
 
     model = gpt_oss_cpu.Model.load(str(tiny_dir))
@@ -488,7 +482,6 @@ def test_engine_runs_the_tiny_checkpoint(tiny_dir: Path) -> None:
 
 
 def test_engine_sharded_equals_single_file(tmp_path: Path) -> None:
-    pytest.importorskip("gpt_oss_cpu._core")
     import gpt_oss_cpu
 
     single = synthetic.write_checkpoint(tmp_path / "a", SMALL, seed=3, progress=False)
