@@ -19,9 +19,10 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// A zeroed f32 buffer of `len` values, or an error naming `what` when it cannot be allocated
-/// (an out-of-memory abort cannot be caught, so large buffers sized by user input come from here).
-pub fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
+/// An empty f32 buffer with room for `len` values, or an error naming `what` when it cannot be
+/// allocated (an out-of-memory abort cannot be caught, so large buffers sized by user input come
+/// from here).
+pub fn try_with_capacity(len: usize, what: &str) -> Result<Vec<f32>> {
     let mut buffer = Vec::new();
     buffer.try_reserve_exact(len).map_err(|_| {
         Error::Input(format!(
@@ -29,6 +30,12 @@ pub fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
             len as f64 * std::mem::size_of::<f32>() as f64 / 1e9
         ))
     })?;
+    Ok(buffer)
+}
+
+/// As [`try_with_capacity`], filled with `len` zeros.
+pub fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
+    let mut buffer = try_with_capacity(len, what)?;
     buffer.resize(len, 0.0);
     Ok(buffer)
 }

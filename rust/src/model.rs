@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
-use crate::error::{try_zeroed, Error, Result};
+use crate::error::{try_with_capacity, Error, Result};
 use crate::kernels::attention::{self, KeyValues, Query};
 use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, WeightMatrix};
 use crate::kv_cache::{KvCache, LayerCache};
@@ -183,8 +183,8 @@ impl Model {
             LogitRows::Last => 1,
             LogitRows::None => 0,
         };
-        let mut logits = try_zeroed(logit_rows.saturating_mul(self.config.vocab_size), "logits")?;
-        logits.clear();
+        let mut logits =
+            try_with_capacity(logit_rows.saturating_mul(self.config.vocab_size), "logits")?;
         self.pool.install(|| {
             let chunks = tokens.chunks(PREFILL_CHUNK);
             let last_chunk = chunks.len() - 1;
