@@ -26,6 +26,7 @@ STABLE_KEYS = {
     "peak_rss_bytes",
     "checkpoint_bytes",
     "isa",
+    "precision",
     "threads",
     "model",
 }
@@ -158,15 +159,18 @@ def test_bench_cli_json(tiny_dir: Path) -> None:
     import gpt_oss_cpu
 
     assert data["isa"] in gpt_oss_cpu.build_info()["supported_isas"]
+    assert data["precision"] == "exact"
     assert data["threads"] >= 1
 
 
 def test_bench_cli_table_and_options(tiny_dir: Path) -> None:
     args = ["bench", "--model", str(tiny_dir), "--pp", "8", "--tg", "3", "--depth", "130"]
-    result = run_cli(*args, "--threads", "1", "--isa", "scalar", "--repetitions", "2")
+    options = ("--threads", "1", "--isa", "scalar", "--precision", "fast", "--repetitions", "2")
+    result = run_cli(*args, *options)
     assert result.returncode == 0, result.stderr
     table = result.stdout
-    for needle in ("prefill pp8", "decode tg3 @ depth 130", "isa scalar, 1 thread\n", "roofline"):
+    build = "isa scalar, fast precision, 1 thread\n"
+    for needle in ("prefill pp8", "decode tg3 @ depth 130", build, "roofline"):
         assert needle in table, table
     assert run_cli("bench", "--model", str(tiny_dir / "missing")).returncode == 2
     assert run_cli("bench", "--model", str(tiny_dir), "--tg", "0").returncode == 2

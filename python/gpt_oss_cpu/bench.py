@@ -220,7 +220,8 @@ class BenchResult:
         peak_rss_bytes: peak resident memory of the process (mapped weights included), measured
             before the bandwidth test's 1 GiB buffer.
         checkpoint_bytes: size of the ``*.safetensors`` files.
-        isa, threads: kernel instruction set and compute threads of the loaded model.
+        isa, precision, threads: kernel instruction set, activation precision and compute
+            threads of the loaded model.
         model: the checkpoint directory.
         version: gpt-oss-cpu version of the extension.
         repetitions: how many times prefill and decode were measured.
@@ -242,6 +243,7 @@ class BenchResult:
     checkpoint_bytes: int
     isa: str
     threads: int
+    precision: str
     model: str
     version: str = "unknown"
     repetitions: int = 1
@@ -265,6 +267,7 @@ def run_benchmark(
     depth: int = 0,
     threads: int | None = None,
     isa: Literal["scalar", "avx2", "avx512"] | None = None,
+    precision: Literal["exact", "fast"] = "exact",
     repetitions: int = 1,
     seed: int = 0,
     bandwidth_bytes: int = BANDWIDTH_BYTES,
@@ -277,7 +280,7 @@ def run_benchmark(
         pp: prompt tokens appended at once for the prefill measurement.
         tg: tokens decoded one at a time.
         depth: tokens in the cache before decoding starts (filled untimed).
-        threads, isa: passed to ``Model.load``.
+        threads, isa, precision: passed to ``Model.load``.
         repetitions: prefill and decode are measured this many times; medians are reported.
         seed: seed of the random token ids.
         bandwidth_bytes: buffer size of the bandwidth measurement.
@@ -303,7 +306,7 @@ def run_benchmark(
 
     say("loading")
     t0 = time.perf_counter()
-    model = Model.load(model_dir, threads=threads, isa=isa)
+    model = Model.load(model_dir, threads=threads, isa=isa, precision=precision)
     load_s = time.perf_counter() - t0
     config = model.config
     vocab = int(config.vocab_size)
@@ -374,6 +377,7 @@ def run_benchmark(
         peak_rss_bytes=peak_rss,
         checkpoint_bytes=_checkpoint_file_bytes(model.path),
         isa=model.isa,
+        precision=model.precision,
         threads=model.threads,
         model=str(model.path),
         version=str(_core.build_info().get("version", "unknown")),
@@ -402,7 +406,7 @@ def format_table(result: BenchResult) -> str:
     threads = f"{r.threads} thread" + ("s" if r.threads != 1 else "")
     rows = [
         ("model", r.model),
-        ("build", f"gpt-oss-cpu {r.version}, isa {r.isa}, {threads}"),
+        ("build", f"gpt-oss-cpu {r.version}, isa {r.isa}, {r.precision} precision, {threads}"),
         ("load", f"{r.load_s:.3f} s"),
         ("first call", f"{r.first_call_s:.3f} s ({WARMUP_TOKENS} tokens)"),
         (f"prefill pp{r.pp}", f"{r.pp_tok_s:.2f} tok/s{runs(r.pp_tok_s_runs)}"),

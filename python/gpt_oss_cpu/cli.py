@@ -90,7 +90,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    _add_engine_options(p)
     p.add_argument(
         "--max-context",
         type=_positive_int,
@@ -111,7 +111,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
 
     t_start = time.perf_counter()
-    model = gpt_oss_cpu.Model.load(str(model_dir), threads=args.threads)
+    model = gpt_oss_cpu.Model.load(
+        str(model_dir), threads=args.threads, isa=args.isa, precision=args.precision
+    )
     tokenizer = model.tokenizer
     load_seconds = time.perf_counter() - t_start
 
@@ -226,8 +228,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="tokens in the KV cache before decoding (default 0)",
     )
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
-    p.add_argument("--isa", choices=("scalar", "avx2", "avx512"), default=None)
+    _add_engine_options(p)
     p.add_argument(
         "--repetitions",
         type=_positive_int,
@@ -262,6 +263,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         depth=args.depth,
         threads=args.threads,
         isa=args.isa,
+        precision=args.precision,
         repetitions=args.repetitions,
         log=log,
     )
@@ -308,7 +310,7 @@ def _add_chat(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    _add_engine_options(p)
     p.add_argument(
         "--max-context",
         type=_positive_int,
@@ -327,7 +329,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     model_dir = Path(args.model).expanduser()
     if not model_dir.is_dir():
         raise CliError(f"model directory not found: {model_dir}")
-    model = gpt_oss_cpu.Model.load(str(model_dir), threads=args.threads)
+    model = gpt_oss_cpu.Model.load(
+        str(model_dir), threads=args.threads, isa=args.isa, precision=args.precision
+    )
     tokenizer = model.tokenizer
     out: TextIO = sys.stdout
     dim = out.isatty()
@@ -446,7 +450,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="KV-cache size in tokens, prompt and answer (default 8192)",
     )
-    p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    _add_engine_options(p)
     p.add_argument(
         "--api-key",
         default=os.environ.get("GPT_OSS_CPU_API_KEY"),
@@ -488,7 +492,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    model = gpt_oss_cpu.Model.load(str(model_dir), threads=args.threads)
+    model = gpt_oss_cpu.Model.load(
+        str(model_dir), threads=args.threads, isa=args.isa, precision=args.precision
+    )
     name = args.model_name or model_dir.resolve().name
     app = create_app(
         model,
@@ -530,6 +536,24 @@ def _one_line(exc: BaseException) -> str:
 
 def _rate(tokens: int, seconds: float) -> str:
     return f"{tokens / seconds:.2f} tok/s" if seconds > 0 else "n/a tok/s"
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """``--threads``, ``--isa`` and ``--precision``, as ``Model.load`` takes them."""
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
+    p.add_argument(
+        "--isa",
+        choices=("scalar", "avx2", "avx512"),
+        default=None,
+        help="kernel instruction set (default: the best this CPU has)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("exact", "fast"),
+        default="exact",
+        help="exact: fp32 activations throughout (default); fast: activations rounded to 8 bits "
+        "(experts) and bf16 (attention, unembedding), faster and approximate",
+    )
 
 
 def _positive_int(text: str) -> int:

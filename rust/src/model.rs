@@ -9,7 +9,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{try_with_capacity, Error, Result};
 use crate::kernels::attention::{self, KeyValues, Query};
-use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, WeightMatrix};
+use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, Precision, WeightMatrix};
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::weights::{LayerWeights, Linear, Mxfp4Experts, Weights};
 
@@ -29,6 +29,8 @@ pub struct Model {
     pub checkpoint_bytes: u64,
     /// Instruction set of the matrix kernels.
     pub isa: Isa,
+    /// Whether the expert products quantize their activations to 8 bits.
+    pub precision: Precision,
     /// Identifies the weights, so a saved session is only resumed with the model that made it.
     pub fingerprint: u64,
     weights: Weights,
@@ -58,7 +60,12 @@ pub struct Trace {
 impl Model {
     /// Maps a checkpoint directory (Hugging Face or `original/` layout) and checks every tensor.
     /// `isa` defaults to the best this CPU supports (or `GPT_OSS_CPU_ISA`).
-    pub fn load(dir: &Path, threads: Option<usize>, isa: Option<Isa>) -> Result<Model> {
+    pub fn load(
+        dir: &Path,
+        threads: Option<usize>,
+        isa: Option<Isa>,
+        precision: Precision,
+    ) -> Result<Model> {
         let isa = match isa {
             Some(isa) if !isa.is_supported() => {
                 return Err(Error::Input(format!(
@@ -102,6 +109,7 @@ impl Model {
             dir: dir.to_path_buf(),
             checkpoint_bytes,
             isa,
+            precision,
             weights,
             pool,
         })
@@ -257,7 +265,7 @@ impl Model {
             bias: None,
             y: &mut logits,
         };
-        kernels::matmul(self.isa, job);
+        kernels::matmul(self.isa, self.precision, job);
         logits
     }
 
@@ -279,6 +287,7 @@ impl Model {
         let mut v = vec![0f32; tokens * c.kv_dim()];
         kernels::matmul_batch(
             self.isa,
+            self.precision,
             vec![
                 linear_job(&t, &layer.q, &mut q),
                 linear_job(&t, &layer.k, &mut k),
@@ -304,7 +313,7 @@ impl Model {
         attend(self.isa, &q, &keys, &layer.sinks, heads, window, &mut attn);
         cache.store(first, &k, &v);
 
-        let y = linear(self.isa, &attn, &layer.o);
+        let y = linear(self.isa, self.precision, &attn, &layer.o);
         add_assign(x, &y);
     }
 
@@ -314,7 +323,8 @@ impl Model {
         let c = &self.config;
         let d = c.hidden_size;
         let t = rms_norm(x, &layer.mlp_norm, c.rms_norm_eps);
-        let router_logits = linear(self.isa, &t, &layer.router);
+        // The router stays exact: rounding could flip a near-tie in its top-k.
+        let router_logits = linear(self.isa, Precision::Exact, &t, &layer.router);
         let routes: Vec<Route> = router_logits
             .chunks_exact(c.num_local_experts)
             .map(|logits| Route::top_k(logits, c.num_experts_per_tok))
@@ -350,7 +360,7 @@ impl Model {
             .iter()
             .zip(&mut hidden)
             .map(|(g, h)| expert_job(&g.x, &layer.gate_up, g.expert, h));
-        kernels::matmul_batch(self.isa, jobs.collect());
+        kernels::matmul_batch(self.isa, self.precision, jobs.collect());
         let activated: Vec<Vec<f32>> = hidden.iter().map(|h| swiglu(h, c.swiglu_limit)).collect();
         let mut outputs: Vec<Vec<f32>> = groups
             .iter()
@@ -361,7 +371,7 @@ impl Model {
             .zip(&activated)
             .zip(&mut outputs)
             .map(|((g, z), out)| expert_job(z, &layer.down, g.expert, out));
-        kernels::matmul_batch(self.isa, jobs.collect());
+        kernels::matmul_batch(self.isa, self.precision, jobs.collect());
 
         let mut y = vec![0f32; x.len()];
         for (g, out) in groups.iter().zip(&outputs) {
@@ -421,9 +431,9 @@ fn rms_norm(x: &[f32], scale: &[f32], eps: f32) -> Vec<f32> {
 }
 
 /// `x·Wᵀ + b` for every row of `x`.
-fn linear(isa: Isa, x: &[f32], layer: &Linear) -> Vec<f32> {
+fn linear(isa: Isa, precision: Precision, x: &[f32], layer: &Linear) -> Vec<f32> {
     let mut y = vec![0f32; x.len() / layer.weight.cols * layer.weight.rows];
-    kernels::matmul(isa, linear_job(x, layer, &mut y));
+    kernels::matmul(isa, precision, linear_job(x, layer, &mut y));
     y
 }
 

@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 
 use crate::config::{AttentionKind, Config, Layout};
 use crate::error::Error;
-use crate::kernels::{self, Isa, Matmul, WeightMatrix};
+use crate::kernels::{self, Isa, Matmul, Precision, WeightMatrix};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::session::Session;
@@ -291,16 +291,18 @@ struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (path, threads=None, isa=None))]
+    #[pyo3(signature = (path, threads=None, isa=None, precision="exact"))]
     fn load(
         py: Python<'_>,
         path: PathBuf,
         threads: Option<usize>,
         isa: Option<&str>,
+        precision: &str,
     ) -> PyResult<PyEngine> {
         let isa = isa.map(|name| parse_isa(py, Some(name))).transpose()?;
+        let precision = parse_precision(py, precision)?;
         let model = py
-            .detach(|| Model::load(&path, threads, isa))
+            .detach(|| Model::load(&path, threads, isa, precision))
             .map_err(|e| to_py_err(py, e))?;
         Ok(PyEngine {
             model: Arc::new(model),
@@ -335,6 +337,11 @@ impl PyEngine {
     #[getter]
     fn isa(&self) -> &'static str {
         self.model.isa.name()
+    }
+
+    #[getter]
+    fn precision(&self) -> &'static str {
+        self.model.precision.name()
     }
 
     #[getter]
@@ -701,6 +708,10 @@ impl PySession {
     }
 }
 
+fn parse_precision(py: Python<'_>, name: &str) -> PyResult<Precision> {
+    Precision::from_name(name).map_err(|e| input_error(py, format!("precision: {e}")))
+}
+
 fn parse_isa(py: Python<'_>, name: Option<&str>) -> PyResult<Isa> {
     let isa = match name {
         None => kernels::default_isa().map_err(|msg| input_error(py, msg))?,
@@ -743,21 +754,23 @@ fn matmul_bf16<'py>(
         bias: None,
         y: &mut y,
     };
-    py.detach(|| kernels::matmul(isa, job));
+    py.detach(|| kernels::matmul(isa, Precision::Exact, job));
     array2(py, y, rows)
 }
 
 /// `x @ W.T` for one MXFP4 matrix: `blocks` uint8 `[N, K/32, 16]`, `scales` uint8 `[N, K/32]`.
 #[pyfunction]
-#[pyo3(signature = (x, blocks, scales, isa=None))]
+#[pyo3(signature = (x, blocks, scales, isa=None, precision="exact"))]
 fn matmul_mxfp4<'py>(
     py: Python<'py>,
     x: numpy::PyReadonlyArray2<'py, f32>,
     blocks: numpy::PyReadonlyArray3<'py, u8>,
     scales: numpy::PyReadonlyArray2<'py, u8>,
     isa: Option<&str>,
+    precision: &str,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
     let isa = parse_isa(py, isa)?;
+    let precision = parse_precision(py, precision)?;
     let (tokens, cols) = (x.shape()[0], x.shape()[1]);
     let (rows, groups, block_bytes) = (blocks.shape()[0], blocks.shape()[1], blocks.shape()[2]);
     let (s_rows, s_groups) = (scales.shape()[0], scales.shape()[1]);
@@ -790,7 +803,7 @@ fn matmul_mxfp4<'py>(
         bias: None,
         y: &mut y,
     };
-    py.detach(|| kernels::matmul(isa, job));
+    py.detach(|| kernels::matmul(isa, precision, job));
     array2(py, y, rows)
 }
 

@@ -6,8 +6,9 @@
 
 use std::arch::x86_64::*;
 
+use super::q8::{Q8Span, FP4_DOUBLED_PLUS_12};
 use super::{for_each_tile, MXFP4_BLOCK_BYTES};
-use crate::kernels::scalar::FP4_VALUES;
+use crate::kernels::scalar::{bf16_to_f32, FP4_VALUES};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]` for the `out.len() / tokens` rows of `w`.
 ///
@@ -221,6 +222,199 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
     for r in 0..R {
         for t in 0..T {
             out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+}
+
+/// MXFP4 rows × 8-bit activations ([`Q8Span`]s, `[tokens, ceil(cols / 128)]`). Per span of 4
+/// blocks and row: one 64-byte load of codes, split into low and high nibbles, each mapped by
+/// `vpshufb` to offset doubled values (unsigned bytes) and multiplied into the activation codes by
+/// `vpdpbusd` starting from the span's offset correction; each lane's exact integer sum (8
+/// products of one block) is then scaled by its block's activation and weight scales.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI; `blocks` is `[rows, cols / 2]`, `scales`
+/// `[rows, cols / 32]`, `spans` as [`super::q8::to_spans`] gives for `[tokens, cols]`, `out`
+/// `[rows, tokens]`, and `cols` a multiple of 32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn matmul_mxfp4_q8(
+    spans: &[Q8Span],
+    tokens: usize,
+    blocks: &[u8],
+    scales: &[u8],
+    cols: usize,
+    out: &mut [f32],
+) {
+    for_each_tile!(out, tokens, |r0, t0, R, T| {
+        // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
+        unsafe { tile_mxfp4_q8::<R, T>(spans, blocks, scales, cols, r0, t0, tokens, out) }
+    });
+}
+
+/// `count` (at most 16) E8M0 scale bytes as f32, exactly; absent lanes are 0.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn block_scales(scales: *const u8, count: usize) -> __m512 {
+    let present = ((1u32 << count) - 1) as u16;
+    // SAFETY: the caller guarantees `count` readable bytes at `scales`; masked-off bytes are not
+    // read (AVX-512 masked loads suppress faults).
+    let s = _mm512_cvtepu8_epi32(unsafe { _mm_maskz_loadu_epi8(present, scales as *const i8) });
+    // 2^(s-127) is the exponent field s; s = 0 (2^-127, subnormal) is kept exact by a blend.
+    // Absent lanes stay 0, not subnormal: multiplying by a subnormal can take a slow path.
+    let zero = _mm512_mask_cmpeq_epi32_mask(present, s, _mm512_setzero_si512());
+    let bits = _mm512_mask_blend_epi32(
+        zero,
+        _mm512_slli_epi32(s, 23),
+        _mm512_set1_epi32(0x0040_0000),
+    );
+    _mm512_castsi512_ps(bits)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
+    spans: &[Q8Span],
+    blocks: &[u8],
+    scales: &[u8],
+    cols: usize,
+    r0: usize,
+    t0: usize,
+    tokens: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: the table has 16 bytes.
+    let lut = _mm512_broadcast_i32x4(unsafe {
+        _mm_loadu_si128(FP4_DOUBLED_PLUS_12.as_ptr() as *const __m128i)
+    });
+    let nibble = _mm512_set1_epi8(0x0F);
+    // Lane i of a span reads the scale of its block i / 4.
+    let lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    let groups = cols / 32;
+    let spans_per_row = groups.div_ceil(4);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+
+    // Scales are loaded 16 blocks (4 spans) at a time.
+    for quad in (0..groups).step_by(16) {
+        let mut row_scales = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            // SAFETY: blocks quad.. of row r0 + r have min(16, groups - quad) scales.
+            row_scales[r] = unsafe {
+                block_scales(
+                    scales.as_ptr().add((r0 + r) * groups + quad),
+                    (groups - quad).min(16),
+                )
+            };
+        }
+        for span in quad / 4..(quad / 4 + 4).min(spans_per_row) {
+            let span_blocks = (groups - span * 4).min(4);
+            let code_mask = u64::MAX >> (64 - 16 * span_blocks);
+            let lanes = _mm512_add_epi32(lane_block, _mm512_set1_epi32((span * 4 - quad) as i32));
+            let mut low = [_mm512_setzero_si512(); R];
+            let mut high = [_mm512_setzero_si512(); R];
+            let mut weight_scale = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                // SAFETY: the span's `span_blocks` blocks of row r0 + r lie inside `blocks`; the
+                // bytes of absent blocks are masked off and not read.
+                let codes = unsafe {
+                    let at = blocks
+                        .as_ptr()
+                        .add(((r0 + r) * groups + span * 4) * MXFP4_BLOCK_BYTES);
+                    if span_blocks == 4 {
+                        _mm512_loadu_si512(at as *const _)
+                    } else {
+                        _mm512_maskz_loadu_epi8(code_mask, at as *const i8)
+                    }
+                };
+                low[r] = _mm512_shuffle_epi8(lut, _mm512_and_si512(codes, nibble));
+                high[r] =
+                    _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble));
+                weight_scale[r] = _mm512_permutexvar_ps(lanes, row_scales[r]);
+            }
+            for t in 0..T {
+                let s = &spans[(t0 + t) * spans_per_row + span];
+                // SAFETY: `Q8Span` is 64-byte aligned and its fields are 64 bytes each.
+                let (even, odd, correction, half_scale) = unsafe {
+                    (
+                        _mm512_load_si512(s.even.as_ptr() as *const _),
+                        _mm512_load_si512(s.odd.as_ptr() as *const _),
+                        _mm512_load_si512(s.correction.as_ptr() as *const _),
+                        _mm512_load_ps(s.half_scale.as_ptr()),
+                    )
+                };
+                for r in 0..R {
+                    let dot = _mm512_dpbusd_epi32(correction, low[r], even);
+                    let dot = _mm512_dpbusd_epi32(dot, high[r], odd);
+                    let partial = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), half_scale);
+                    acc[r][t] = _mm512_fmadd_ps(partial, weight_scale[r], acc[r][t]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+}
+
+/// bf16 rows × bf16 activations (the fast path's dense products): `vdpbf16ps` multiplies the 32
+/// bf16 pairs of one 64-byte load of weights and of activations exactly and adds each pair's sum
+/// into an f32 lane, so row-major weights and activations need no reordering.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and BF16; `x` is `[tokens, cols]` bf16 bits, `w`
+/// `[rows, cols]`, `out` `[rows, tokens]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn matmul_bf16_bf16(x: &[u16], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
+    for_each_tile!(out, tokens, |r0, t0, R, T| {
+        // SAFETY: the tile lies inside `w`, `x` and `out` by construction of `for_each_tile`.
+        unsafe { tile_bf16_bf16::<R, T>(x, w, cols, r0, t0, tokens, out) }
+    });
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn tile_bf16_bf16<const R: usize, const T: usize>(
+    x: &[u16],
+    w: &[u16],
+    cols: usize,
+    r0: usize,
+    t0: usize,
+    tokens: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let full = cols / 32 * 32;
+    for c in (0..full).step_by(32) {
+        let mut rows = [_mm512_setzero_si512(); R];
+        for r in 0..R {
+            // SAFETY: 32 weights of row r0 + r from column c < full <= cols.
+            rows[r] =
+                unsafe { _mm512_loadu_si512(w.as_ptr().add((r0 + r) * cols + c) as *const _) };
+        }
+        for t in 0..T {
+            // SAFETY: 32 activations of token t0 + t from column c.
+            let xv = unsafe { _mm512_loadu_si512(x.as_ptr().add((t0 + t) * cols + c) as *const _) };
+            for r in 0..R {
+                // SAFETY: `__m512bh` and `__m512i` are the same 64 bytes, read as 32 bf16.
+                acc[r][t] = unsafe {
+                    _mm512_dpbf16_ps(
+                        acc[r][t],
+                        std::mem::transmute::<__m512i, __m512bh>(rows[r]),
+                        std::mem::transmute::<__m512i, __m512bh>(xv),
+                    )
+                };
+            }
+        }
+    }
+    for r in 0..R {
+        let w_row = &w[(r0 + r) * cols + full..(r0 + r + 1) * cols];
+        for t in 0..T {
+            let x_row = &x[(t0 + t) * cols + full..(t0 + t + 1) * cols];
+            let tail: f32 = x_row
+                .iter()
+                .zip(w_row)
+                .map(|(&a, &b)| bf16_to_f32(a) * bf16_to_f32(b))
+                .sum();
+            out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]) + tail;
         }
     }
 }

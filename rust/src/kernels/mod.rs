@@ -15,7 +15,11 @@ pub mod attention;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+pub mod q8;
 pub mod scalar;
+
+/// Values in one MXFP4 block (they share a scale).
+pub const MXFP4_BLOCK_VALUES: usize = 32;
 
 /// Bytes of one packed MXFP4 block (32 four-bit codes).
 pub const MXFP4_BLOCK_BYTES: usize = 16;
@@ -89,6 +93,51 @@ impl Isa {
     }
 }
 
+/// How activations enter the matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// fp32 activations: the exact forward pass of SPEC §4.
+    Exact,
+    /// Activations rounded where that buys speed: to 8 bits per 32-block ([`q8`]) for the MXFP4
+    /// products (integer dot products), to bf16 for the bf16 products (`vdpbf16ps`). The same
+    /// rounding on every instruction set, so results do not depend on the CPU.
+    Fast,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 2] = [Precision::Exact, Precision::Fast];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Exact => "exact",
+            Precision::Fast => "fast",
+        }
+    }
+
+    /// The precision called `name` (`"exact"` or `"fast"`).
+    pub fn from_name(name: &str) -> Result<Precision, String> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| format!("expected one of exact, fast, found {name:?}"))
+    }
+}
+
+/// Whether the AVX-512 integer kernels (`vpdpbusd`) can run; without VNNI, AVX-512 CPUs run the
+/// 8-bit products with the AVX2 kernels.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vnni() -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| is_x86_feature_detected!("avx512vnni"))
+}
+
+/// Whether the AVX-512 bf16 dot products (`vdpbf16ps`) can run.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_bf16() -> bool {
+    static BF16: OnceLock<bool> = OnceLock::new();
+    *BF16.get_or_init(|| is_x86_feature_detected!("avx512bf16"))
+}
+
 /// The instruction set models use unless told otherwise: chosen once, at first use.
 pub fn default_isa() -> Result<Isa, String> {
     static DEFAULT: OnceLock<Result<Isa, String>> = OnceLock::new();
@@ -120,11 +169,12 @@ pub struct Matmul<'a> {
 
 /// Runs several products as one parallel region, their rows split into tasks over the current
 /// rayon pool: one synchronisation instead of one per matrix (q/k/v, or the routed experts).
+/// `precision` applies to MXFP4 products; bf16 products are always exact.
 ///
 /// # Panics
 /// If this CPU does not support `isa` (running its kernels would be undefined behaviour), or a
 /// job has no columns.
-pub fn matmul_batch(isa: Isa, jobs: Vec<Matmul<'_>>) {
+pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
     assert!(
         isa.is_supported(),
         "this CPU does not support {}",
@@ -134,7 +184,7 @@ pub fn matmul_batch(isa: Isa, jobs: Vec<Matmul<'_>>) {
         weights: WeightMatrix<'a>,
         cols: usize,
         tokens: usize,
-        x: std::borrow::Cow<'a, [f32]>,
+        x: Activations<'a>,
     }
     let mut specs = Vec::with_capacity(jobs.len());
     let mut outputs = Vec::with_capacity(jobs.len());
@@ -145,7 +195,7 @@ pub fn matmul_batch(isa: Isa, jobs: Vec<Matmul<'_>>) {
         if tokens == 0 {
             continue;
         }
-        let x = prepare_activations(isa, job.weights, job.x, job.cols);
+        let x = prepare_activations(isa, precision, job.weights, job.x, job.cols);
         specs.push(Spec {
             weights: job.weights,
             cols: job.cols,
@@ -197,23 +247,63 @@ pub fn matmul_batch(isa: Isa, jobs: Vec<Matmul<'_>>) {
 }
 
 /// A single product (see [`matmul_batch`]).
-pub fn matmul(isa: Isa, job: Matmul<'_>) {
-    matmul_batch(isa, vec![job]);
+pub fn matmul(isa: Isa, precision: Precision, job: Matmul<'_>) {
+    matmul_batch(isa, precision, vec![job]);
 }
 
-/// The activations in the order the SIMD kernels of `isa` read them for `weights`.
+/// One product's activations, as its kernel reads them.
+enum Activations<'a> {
+    F32(std::borrow::Cow<'a, [f32]>),
+    /// 8-bit, natural order (the scalar kernel).
+    Q8(q8::Q8Activations),
+    /// 8-bit, `[tokens, spans]` (the SIMD kernels).
+    Q8Spans(Vec<q8::Q8Span>),
+    /// bf16 bits, natural order (`vdpbf16ps`).
+    Bf16(Vec<u16>),
+}
+
+/// The activations in the form and order the kernels of `isa` read them for `weights`.
 fn prepare_activations<'a>(
     isa: Isa,
+    precision: Precision,
     weights: WeightMatrix<'_>,
     x: &'a [f32],
     cols: usize,
-) -> std::borrow::Cow<'a, [f32]> {
-    match (isa, weights) {
-        (Isa::Scalar, _) => x.into(),
-        (Isa::Avx512, WeightMatrix::Bf16(_)) => unpack_order(x, cols, 32).into(),
-        (Isa::Avx2, WeightMatrix::Bf16(_)) => unpack_order(x, cols, 16).into(),
-        (Isa::Avx2, WeightMatrix::Mxfp4 { .. }) => deinterleave_pairs(x).into(),
-        (Isa::Avx512, WeightMatrix::Mxfp4 { .. }) => nibble_order(x, cols).into(),
+) -> Activations<'a> {
+    match (isa, weights, precision) {
+        (_, WeightMatrix::Mxfp4 { .. }, Precision::Fast) if q8_kernels(isa) != Isa::Scalar => {
+            Activations::Q8Spans(q8::to_spans(&q8::quantize(x), cols))
+        }
+        (_, WeightMatrix::Mxfp4 { .. }, Precision::Fast) => Activations::Q8(q8::quantize(x)),
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, WeightMatrix::Bf16(_), Precision::Fast) if has_avx512_bf16() => {
+            Activations::Bf16(
+                x.iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect(),
+            )
+        }
+        (_, WeightMatrix::Bf16(_), Precision::Fast) => {
+            let rounded: Vec<f32> = x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            match prepare_activations(isa, Precision::Exact, weights, &rounded, cols) {
+                Activations::F32(x) => Activations::F32(x.into_owned().into()),
+                _ => unreachable!("exact bf16 activations are fp32"),
+            }
+        }
+        (Isa::Scalar, _, _) => Activations::F32(x.into()),
+        (Isa::Avx512, WeightMatrix::Bf16(_), _) => {
+            Activations::F32(unpack_order(x, cols, 32).into())
+        }
+        (Isa::Avx2, WeightMatrix::Bf16(_), _) => Activations::F32(unpack_order(x, cols, 16).into()),
+        (Isa::Avx2, WeightMatrix::Mxfp4 { .. }, _) => {
+            Activations::F32(deinterleave_pairs(x).into())
+        }
+        (Isa::Avx512, WeightMatrix::Mxfp4 { .. }, _) => {
+            Activations::F32(nibble_order(x, cols).into())
+        }
     }
 }
 
@@ -221,15 +311,15 @@ fn prepare_activations<'a>(
 fn run_kernel(
     isa: Isa,
     weights: WeightMatrix<'_>,
-    x: &[f32],
+    x: &Activations,
     tokens: usize,
     cols: usize,
     first: usize,
     out: &mut [f32],
 ) {
     let n = out.len() / tokens;
-    match weights {
-        WeightMatrix::Bf16(w) => {
+    match (weights, x) {
+        (WeightMatrix::Bf16(w), Activations::F32(x)) => {
             let w = &w[first * cols..(first + n) * cols];
             match isa {
                 Isa::Scalar => scalar::matmul_bf16(x, tokens, w, cols, out),
@@ -243,23 +333,51 @@ fn run_kernel(
                 _ => unreachable!("no SIMD kernels on this architecture"),
             }
         }
-        WeightMatrix::Mxfp4 { blocks, scales } => {
+        (WeightMatrix::Mxfp4 { blocks, scales }, x) => {
             let (row_bytes, row_scales) = (cols / 2, cols / 32);
             let blocks = &blocks[first * row_bytes..(first + n) * row_bytes];
             let scales = &scales[first * row_scales..(first + n) * row_scales];
-            match isa {
-                Isa::Scalar => scalar::matmul_mxfp4(x, tokens, blocks, scales, cols, out),
-                // SAFETY: as above; `cols` is a multiple of 32 (checked by `Config`).
+            match (x, q8_kernels(isa)) {
+                (Activations::Q8(q), _) => {
+                    scalar::matmul_mxfp4_q8(&q.codes, &q.scales, tokens, blocks, scales, cols, out)
+                }
+                // SAFETY: as above; `cols` is a multiple of 32 (checked by `Config`), and
+                // `q8_kernels` checked the CPU's support for the 8-bit kernels.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2::matmul_mxfp4(x, tokens, blocks, scales, cols, out) },
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe {
-                    avx512::matmul_mxfp4(x, tokens, blocks, scales, cols, out)
+                (Activations::Q8Spans(spans), Isa::Avx512) => unsafe {
+                    avx512::matmul_mxfp4_q8(spans, tokens, blocks, scales, cols, out)
                 },
-                #[cfg(not(target_arch = "x86_64"))]
-                _ => unreachable!("no SIMD kernels on this architecture"),
+                (Activations::F32(x), _) => match isa {
+                    Isa::Scalar => scalar::matmul_mxfp4(x, tokens, blocks, scales, cols, out),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe {
+                        avx2::matmul_mxfp4(x, tokens, blocks, scales, cols, out)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => unsafe {
+                        avx512::matmul_mxfp4(x, tokens, blocks, scales, cols, out)
+                    },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!("no SIMD kernels on this architecture"),
+                },
+                _ => unreachable!("activations prepared for another kernel"),
             }
         }
+        // SAFETY: `prepare_activations` gave bf16 activations only where AVX-512 BF16 runs.
+        #[cfg(target_arch = "x86_64")]
+        (WeightMatrix::Bf16(w), Activations::Bf16(x)) => unsafe {
+            avx512::matmul_bf16_bf16(x, tokens, &w[first * cols..(first + n) * cols], cols, out)
+        },
+        (WeightMatrix::Bf16(_), _) => unreachable!("no bf16 kernel for these activations"),
+    }
+}
+
+/// The instruction set of the 8-bit MXFP4 kernels that run for `isa`.
+fn q8_kernels(isa: Isa) -> Isa {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if has_avx512_vnni() => Isa::Avx512,
+        _ => Isa::Scalar,
     }
 }
 
@@ -379,6 +497,7 @@ mod tests {
     #[allow(clippy::too_many_arguments)]
     fn matmul_bf16(
         isa: Isa,
+        precision: Precision,
         x: &[f32],
         w: &[u16],
         rows: usize,
@@ -388,6 +507,7 @@ mod tests {
     ) {
         matmul(
             isa,
+            precision,
             Matmul {
                 weights: WeightMatrix::Bf16(w),
                 rows,
@@ -402,6 +522,7 @@ mod tests {
     #[allow(clippy::too_many_arguments)]
     fn matmul_mxfp4(
         isa: Isa,
+        precision: Precision,
         x: &[f32],
         blocks: &[u8],
         scales: &[u8],
@@ -412,6 +533,7 @@ mod tests {
     ) {
         matmul(
             isa,
+            precision,
             Matmul {
                 weights: WeightMatrix::Mxfp4 { blocks, scales },
                 rows,
@@ -460,11 +582,11 @@ mod tests {
             let bias = random_f32(&mut rng, rows);
             let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
             let abs_w: Vec<u16> = w.iter().map(|b| b & 0x7FFF).collect();
-            let mut want = vec![0f32; tokens * rows];
             let mut magnitude = vec![0f32; tokens * rows];
-            matmul_bf16(Isa::Scalar, &x, &w, rows, cols, Some(&bias), &mut want);
+            let ex = Precision::Exact;
             matmul_bf16(
                 Isa::Scalar,
+                ex,
                 &abs_x,
                 &abs_w,
                 rows,
@@ -472,76 +594,178 @@ mod tests {
                 None,
                 &mut magnitude,
             );
-            for isa in simd_isas() {
-                let mut got = vec![0f32; tokens * rows];
-                matmul_bf16(isa, &x, &w, rows, cols, Some(&bias), &mut got);
-                assert_close(
-                    isa,
-                    &got,
-                    &want,
-                    &magnitude,
-                    &format!("bf16 {rows}x{cols}x{tokens}"),
-                );
+            for precision in Precision::ALL {
+                let mut want = vec![0f32; tokens * rows];
+                let b = Some(&bias[..]);
+                matmul_bf16(Isa::Scalar, precision, &x, &w, rows, cols, b, &mut want);
+                for isa in simd_isas() {
+                    let mut got = vec![0f32; tokens * rows];
+                    matmul_bf16(isa, precision, &x, &w, rows, cols, b, &mut got);
+                    let what = format!("bf16 {precision:?} {rows}x{cols}x{tokens}");
+                    assert_close(isa, &got, &want, &magnitude, &what);
+                }
             }
         }
     }
 
     #[test]
+    fn fast_bf16_rounds_the_activations_to_bf16() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let (rows, cols, tokens) = (9, 2880, 3);
+        let x = random_f32(&mut rng, tokens * cols);
+        let w: Vec<u16> = random_f32(&mut rng, rows * cols)
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        let rounded: Vec<f32> = x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let mut fast = vec![0f32; tokens * rows];
+        let mut exact_of_rounded = vec![0f32; tokens * rows];
+        let mut exact = vec![0f32; tokens * rows];
+        let ex = Precision::Exact;
+        matmul_bf16(
+            Isa::Scalar,
+            Precision::Fast,
+            &x,
+            &w,
+            rows,
+            cols,
+            None,
+            &mut fast,
+        );
+        matmul_bf16(
+            Isa::Scalar,
+            ex,
+            &rounded,
+            &w,
+            rows,
+            cols,
+            None,
+            &mut exact_of_rounded,
+        );
+        matmul_bf16(Isa::Scalar, ex, &x, &w, rows, cols, None, &mut exact);
+        assert_eq!(fast, exact_of_rounded);
+        assert_ne!(fast, exact);
+    }
+
+    /// Random MXFP4 rows: scales around 2^0, plus the extremes of the format.
+    fn random_mxfp4(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> (Vec<u8>, Vec<u8>) {
+        let blocks: Vec<u8> = (0..rows * cols / 2).map(|_| rng.next_u32() as u8).collect();
+        let mut scales: Vec<u8> = (0..rows * cols / 32)
+            .map(|_| 120 + (rng.next_u32() % 16) as u8)
+            .collect();
+        scales[0] = 1;
+        (blocks, scales)
+    }
+
+    const MXFP4_SHAPES: [(usize, usize, usize); 9] = [
+        (1, 32, 1),
+        (3, 64, 2),
+        (5, 96, 3),
+        (17, 320, 5),
+        (64, 2880, 4),
+        (9, 2880, 1),
+        (6, 32, 7),
+        (4, 544, 6),
+        (2, 4096, 3),
+    ];
+
+    #[test]
     fn simd_mxfp4_matches_scalar_on_ragged_shapes() {
         let mut rng = ChaCha8Rng::seed_from_u64(2);
-        for &(rows, cols, tokens) in &[
-            (1, 32, 1),
-            (3, 64, 2),
-            (5, 96, 3),
-            (17, 320, 5),
-            (64, 2880, 4),
-            (9, 2880, 1),
-            (6, 32, 7),
-        ] {
+        for &(rows, cols, tokens) in &MXFP4_SHAPES {
             let x = random_f32(&mut rng, tokens * cols);
-            let blocks: Vec<u8> = (0..rows * cols / 2).map(|_| rng.next_u32() as u8).collect();
-            // Scales around 2^0, plus the extremes of the format.
-            let mut scales: Vec<u8> = (0..rows * cols / 32)
-                .map(|_| 120 + (rng.next_u32() % 16) as u8)
-                .collect();
-            scales[0] = 1;
+            let (blocks, scales) = random_mxfp4(&mut rng, rows, cols);
             let bias = random_f32(&mut rng, rows);
             let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
             // Clearing each nibble's sign bit gives |w|.
             let abs_blocks: Vec<u8> = blocks.iter().map(|b| b & 0x77).collect();
-            let mut want = vec![0f32; tokens * rows];
-            let mut magnitude = vec![0f32; tokens * rows];
+            for precision in Precision::ALL {
+                let mut want = vec![0f32; tokens * rows];
+                let mut magnitude = vec![0f32; tokens * rows];
+                let (b, s) = (&blocks[..], &scales[..]);
+                matmul_mxfp4(
+                    Isa::Scalar,
+                    precision,
+                    &x,
+                    b,
+                    s,
+                    rows,
+                    cols,
+                    Some(&bias),
+                    &mut want,
+                );
+                matmul_mxfp4(
+                    Isa::Scalar,
+                    Precision::Exact,
+                    &abs_x,
+                    &abs_blocks,
+                    s,
+                    rows,
+                    cols,
+                    None,
+                    &mut magnitude,
+                );
+                for isa in simd_isas() {
+                    let mut got = vec![0f32; tokens * rows];
+                    matmul_mxfp4(isa, precision, &x, b, s, rows, cols, Some(&bias), &mut got);
+                    let what = format!("mxfp4 {precision:?} {rows}x{cols}x{tokens}");
+                    assert_close(isa, &got, &want, &magnitude, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_mxfp4_is_within_the_8_bit_rounding_of_exact() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for &(rows, cols, tokens) in &MXFP4_SHAPES {
+            let x = random_f32(&mut rng, tokens * cols);
+            let (blocks, scales) = random_mxfp4(&mut rng, rows, cols);
+            let abs_blocks: Vec<u8> = blocks.iter().map(|b| b & 0x77).collect();
+            // Each activation moves by at most half a step, max|x of its block| / 254 <= 1 / 254.
+            let ones = vec![1f32; tokens * cols];
+            let mut exact = vec![0f32; tokens * rows];
+            let mut fast = vec![0f32; tokens * rows];
+            let mut bound = vec![0f32; tokens * rows];
+            let (b, s) = (&blocks[..], &scales[..]);
+            let ex = Precision::Exact;
+            matmul_mxfp4(Isa::Scalar, ex, &x, b, s, rows, cols, None, &mut exact);
             matmul_mxfp4(
                 Isa::Scalar,
+                Precision::Fast,
                 &x,
-                &blocks,
-                &scales,
-                rows,
-                cols,
-                Some(&bias),
-                &mut want,
-            );
-            matmul_mxfp4(
-                Isa::Scalar,
-                &abs_x,
-                &abs_blocks,
-                &scales,
+                b,
+                s,
                 rows,
                 cols,
                 None,
-                &mut magnitude,
+                &mut fast,
             );
-            for isa in simd_isas() {
-                let mut got = vec![0f32; tokens * rows];
-                matmul_mxfp4(isa, &x, &blocks, &scales, rows, cols, Some(&bias), &mut got);
-                assert_close(
-                    isa,
-                    &got,
-                    &want,
-                    &magnitude,
-                    &format!("mxfp4 {rows}x{cols}x{tokens}"),
+            matmul_mxfp4(
+                Isa::Scalar,
+                ex,
+                &ones,
+                &abs_blocks,
+                s,
+                rows,
+                cols,
+                None,
+                &mut bound,
+            );
+            let mut worst = 0f32;
+            for ((e, f), m) in exact.iter().zip(&fast).zip(&bound) {
+                assert!(
+                    (e - f).abs() <= m / 254.0 * 1.0001,
+                    "{e} vs {f} (bound {})",
+                    m / 254.0
                 );
+                worst = worst.max((e - f).abs() / m);
             }
+            // The fast path really rounded.
+            assert!(worst > 0.0, "{rows}x{cols}x{tokens}");
         }
     }
 

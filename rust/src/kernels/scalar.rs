@@ -1,5 +1,7 @@
 //! Portable reference kernels: straightforward, and the oracle for every SIMD kernel.
 
+use super::q8::{FP4_DOUBLED_PLUS_12, FP4_OFFSET};
+
 /// FP4 E2M1 code → value (SPEC §3.1).
 pub const FP4_VALUES: [f32; 16] = [
     0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
@@ -67,6 +69,49 @@ pub fn dot_mxfp4(x: &[f32], blocks: &[u8], scales: &[u8]) -> f32 {
             acc += FP4_VALUES[(byte >> 4) as usize] * pair[1];
         }
         total += acc * e8m0_to_f32(scale);
+    }
+    total
+}
+
+/// As [`matmul_mxfp4`] with 8-bit activations (`codes` `[tokens, cols]`, `act_scales`
+/// `[tokens, cols / 32]`): per block, an exact integer dot product of doubled FP4 values and codes,
+/// times the weight scale, the activation scale and ½.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_mxfp4_q8(
+    codes: &[i8],
+    act_scales: &[f32],
+    tokens: usize,
+    blocks: &[u8],
+    scales: &[u8],
+    cols: usize,
+    out: &mut [f32],
+) {
+    let rows = blocks
+        .chunks_exact(cols / 2)
+        .zip(scales.chunks_exact(cols / 32));
+    for ((b, s), out_row) in rows.zip(out.chunks_exact_mut(tokens)) {
+        let activations = codes
+            .chunks_exact(cols)
+            .zip(act_scales.chunks_exact(cols / 32));
+        for ((q, d), o) in activations.zip(out_row) {
+            *o = dot_mxfp4_q8(q, d, b, s);
+        }
+    }
+}
+
+fn dot_mxfp4_q8(codes: &[i8], act_scales: &[f32], blocks: &[u8], scales: &[u8]) -> f32 {
+    let doubled = |code: u8| FP4_DOUBLED_PLUS_12[code as usize] as i32 - FP4_OFFSET;
+    let mut total = 0f32;
+    let per_block = blocks.chunks_exact(16).zip(scales).zip(act_scales);
+    for (((block, &scale), &d), q) in per_block.zip(codes.chunks_exact(32)) {
+        let dot: i32 = block
+            .iter()
+            .zip(q.chunks_exact(2))
+            .map(|(&byte, pair)| {
+                doubled(byte & 0x0F) * pair[0] as i32 + doubled(byte >> 4) * pair[1] as i32
+            })
+            .sum();
+        total += dot as f32 * (d * 0.5) * e8m0_to_f32(scale);
     }
     total
 }

@@ -1,0 +1,142 @@
+//! 8-bit activations for the fast path's MXFP4 products: each block of 32 activations becomes 32
+//! int8 codes and one f32 scale (as llama.cpp's Q8_0), so the products run as integer dot products
+//! (`vpdpbusd`, 64 multiply-adds an instruction) instead of fp32 FMAs (16). The weights stay
+//! exactly the checkpoint's; only the activations are rounded (relative error ≤ 1/254 of each
+//! block's largest magnitude).
+
+use super::MXFP4_BLOCK_VALUES as BLOCK;
+
+/// FP4 E2M1 code → twice its value, offset by 12 to be non-negative (`vpdpbusd` multiplies unsigned
+/// bytes by signed ones): `2·v + 12` ∈ 0..=24. The offset is undone by [`Q8Span::correction`].
+pub const FP4_DOUBLED_PLUS_12: [u8; 16] =
+    [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
+
+/// The offset in [`FP4_DOUBLED_PLUS_12`].
+pub const FP4_OFFSET: i32 = 12;
+
+/// Activations `[tokens, cols]` quantized per 32-block, in natural order.
+pub struct Q8Activations {
+    /// `[tokens, cols]` codes in −127..=127.
+    pub codes: Vec<i8>,
+    /// `[tokens, cols / 32]`: the value of code 1 in each block.
+    pub scales: Vec<f32>,
+}
+
+/// Quantizes each 32-block of `x` to `round(x / s)` with `s = max|x| / 127`. `x.len()` must be a
+/// multiple of 32.
+pub fn quantize(x: &[f32]) -> Q8Activations {
+    let mut codes = vec![0i8; x.len()];
+    let mut scales = Vec::with_capacity(x.len() / BLOCK);
+    for (block, out) in x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK)) {
+        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = max / 127.0;
+        let inverse = if max > 0.0 { 127.0 / max } else { 0.0 };
+        for (q, &v) in out.iter_mut().zip(block) {
+            // |v · inverse| ≤ 127 up to rounding; the clamp keeps a NaN or an overshoot in range.
+            *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+        }
+        scales.push(scale);
+    }
+    Q8Activations { codes, scales }
+}
+
+/// 128 quantized activations (4 blocks) in the order the SIMD kernels read them against one 64-byte
+/// load of MXFP4 codes, whose byte `j` holds values `2j` and `2j + 1` of block `j / 16` in its low
+/// and high nibbles. 32-bit lane `i` of a 512-bit vector (bytes `4i..4i + 4`) lies in block `i / 4`.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Q8Span {
+    /// Byte `j`: the activation the low nibble of code byte `j` multiplies.
+    pub even: [i8; 64],
+    /// Byte `j`: the activation the high nibble of code byte `j` multiplies.
+    pub odd: [i8; 64],
+    /// Lane `i`: `−12 · Σ` of the codes lane `i` covers in `even` and `odd`, the starting value of
+    /// an integer dot product with offset weights so that it comes out exact.
+    pub correction: [i32; 16],
+    /// Lane `i`: half the scale of block `i / 4` (the weights are doubled).
+    pub half_scale: [f32; 16],
+}
+
+const EMPTY_SPAN: Q8Span = Q8Span {
+    even: [0; 64],
+    odd: [0; 64],
+    correction: [0; 16],
+    half_scale: [0.0; 16],
+};
+
+/// `[tokens, ceil(cols / 128)]` spans; a row's last span is padded with zero activations.
+pub fn to_spans(q: &Q8Activations, cols: usize) -> Vec<Q8Span> {
+    let blocks_per_row = cols / BLOCK;
+    let spans_per_row = blocks_per_row.div_ceil(4);
+    let tokens = q.scales.len() / blocks_per_row;
+    let mut spans = vec![EMPTY_SPAN; tokens * spans_per_row];
+    for t in 0..tokens {
+        for b in 0..blocks_per_row {
+            let span = &mut spans[t * spans_per_row + b / 4];
+            let slot = b % 4;
+            let codes = &q.codes[(t * blocks_per_row + b) * BLOCK..][..BLOCK];
+            for j in 0..16 {
+                span.even[slot * 16 + j] = codes[2 * j];
+                span.odd[slot * 16 + j] = codes[2 * j + 1];
+            }
+            let scale = q.scales[t * blocks_per_row + b];
+            for lane in slot * 4..slot * 4 + 4 {
+                let covered = span.even[lane * 4..lane * 4 + 4]
+                    .iter()
+                    .chain(&span.odd[lane * 4..lane * 4 + 4])
+                    .map(|&c| c as i32)
+                    .sum::<i32>();
+                span.correction[lane] = -FP4_OFFSET * covered;
+                span.half_scale[lane] = scale * 0.5;
+            }
+        }
+    }
+    spans
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::scalar::FP4_VALUES;
+
+    #[test]
+    fn offset_table_is_twice_the_fp4_values_plus_12() {
+        for (code, &v) in FP4_VALUES.iter().enumerate() {
+            assert_eq!(
+                FP4_DOUBLED_PLUS_12[code] as f32,
+                2.0 * v + FP4_OFFSET as f32
+            );
+        }
+    }
+
+    #[test]
+    fn quantize_rounds_to_the_nearest_step_of_the_block_maximum() {
+        let mut x = vec![0f32; 64];
+        x[0] = -1.27;
+        x[1] = 0.5;
+        x[2] = 0.013;
+        x[3] = -0.026;
+        let q = quantize(&x);
+        assert!((q.scales[0] - 0.01).abs() < 1e-9);
+        assert_eq!(q.scales[1], 0.0);
+        assert_eq!(&q.codes[..4], &[-127, 50, 1, -3]);
+        assert!(q.codes[32..].iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn spans_cover_each_block_and_correct_the_offset() {
+        let x: Vec<f32> = (0..160).map(|i| (i as f32 - 80.0) / 7.0).collect();
+        let q = quantize(&x);
+        let spans = to_spans(&q, 160);
+        assert_eq!(spans.len(), 2);
+        // Block 4 (the fifth) starts the second span; its element 3 is the high nibble of byte 1.
+        assert_eq!(spans[1].odd[1], q.codes[4 * 32 + 3]);
+        assert_eq!(spans[1].half_scale[0], q.scales[4] * 0.5);
+        assert_eq!(spans[1].half_scale[4], 0.0);
+        let lane0: i32 = [0, 2, 4, 6, 1, 3, 5, 7]
+            .iter()
+            .map(|&k| q.codes[128 + k] as i32)
+            .sum();
+        assert_eq!(spans[1].correction[0], -12 * lane0);
+    }
+}
