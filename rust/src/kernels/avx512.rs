@@ -245,7 +245,8 @@ pub unsafe fn matmul_mxfp4_q8(
     cols: usize,
     out: &mut [f32],
 ) {
-    for_each_tile!(out, tokens, |r0, t0, R, T| {
+    // 4 rows x 2 tokens: wider tiles spill registers (measured 20 % slower at 4 x 4).
+    for_each_tile!(out, tokens, 4, 2, |r0, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
         unsafe { tile_mxfp4_q8::<R, T>(spans, blocks, scales, cols, r0, t0, tokens, out) }
     });

@@ -440,15 +440,18 @@ pub fn deinterleave_pairs(x: &[f32]) -> Vec<f32> {
 /// Visits `out` (`[rows, tokens]`) in register tiles of up to 4 rows × 4 tokens, binding the tile's
 /// first row and token and its const sizes `R` and `T` for the body.
 macro_rules! for_each_tile {
-    ($out:expr, $tokens:expr, |$r0:ident, $t0:ident, $R:ident, $T:ident| $body:expr) => {{
+    ($out:expr, $tokens:expr, |$r0:ident, $t0:ident, $R:ident, $T:ident| $body:expr) => {
+        $crate::kernels::for_each_tile!($out, $tokens, 4, 4, |$r0, $t0, $R, $T| $body)
+    };
+    ($out:expr, $tokens:expr, $max_rows:expr, $max_tokens:expr, |$r0:ident, $t0:ident, $R:ident, $T:ident| $body:expr) => {{
         let tokens: usize = $tokens;
         let rows = $out.len() / tokens;
         let mut $r0 = 0;
         while $r0 < rows {
-            let row_count = (rows - $r0).min(4);
+            let row_count = (rows - $r0).min($max_rows);
             let mut $t0 = 0;
             while $t0 < tokens {
-                let token_count = (tokens - $t0).min(4);
+                let token_count = (tokens - $t0).min($max_tokens);
                 $crate::kernels::tile_sizes!((row_count, token_count), $R, $T, $body);
                 $t0 += token_count;
             }

@@ -33,7 +33,8 @@ pub fn quantize(x: &[f32]) -> Q8Activations {
         let inverse = if max > 0.0 { 127.0 / max } else { 0.0 };
         for (q, &v) in out.iter_mut().zip(block) {
             // |v · inverse| ≤ 127 up to rounding; the clamp keeps a NaN or an overshoot in range.
-            *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+            // Ties to even: one instruction, where `round` is a libm call.
+            *q = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
         }
         scales.push(scale);
     }
