@@ -6,9 +6,9 @@
 
 use std::arch::x86_64::*;
 
-use super::q8::{Q8Span, FP4_DOUBLED_PLUS_12};
+use super::q8::{Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12, GROUP_TOKENS};
 use super::{for_each_tile, MXFP4_BLOCK_BYTES};
-use crate::kernels::scalar::{bf16_to_f32, FP4_VALUES};
+use crate::kernels::scalar::{bf16_to_f32, e8m0_to_f32, FP4_VALUES};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]` for the `out.len() / tokens` rows of `w`.
 ///
@@ -416,6 +416,172 @@ unsafe fn tile_bf16_bf16<const R: usize, const T: usize>(
                 .map(|(&a, &b)| bf16_to_f32(a) * bf16_to_f32(b))
                 .sum();
             out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]) + tail;
+        }
+    }
+}
+
+/// MXFP4 rows × 8-bit activations with the tokens in vector lanes ([`TokenColumns`]), for
+/// prefill: the rows are first decoded to signed doubled values (kept in L1/L2 for the whole
+/// token range), then each 4-byte piece of a row is broadcast and multiplied into 16 tokens by
+/// one `vpdpbusd`, so a block costs 8 of them per row and 16 tokens, plus one scaling step.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI; `blocks` is `[rows, cols / 2]`, `scales`
+/// `[rows, cols / 32]`, `columns` holds `[tokens, cols]`, `out` is `[rows, tokens]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn matmul_mxfp4_q8_columns(
+    columns: &TokenColumns,
+    blocks: &[u8],
+    scales: &[u8],
+    out: &mut [f32],
+) {
+    let rows = out.len() / columns.tokens;
+    // SAFETY: `blocks` and `scales` hold `rows` rows of `columns.blocks` blocks.
+    let decoded = unsafe { decode_rows(blocks, scales, columns.blocks, rows) };
+    let mut r0 = 0;
+    while r0 < rows {
+        // SAFETY: rows r0.. of `decoded` and `out` exist.
+        if rows - r0 >= 8 {
+            unsafe { columns_tile::<8>(columns, &decoded, r0, out) };
+            r0 += 8;
+        } else {
+            unsafe { columns_tile::<1>(columns, &decoded, r0, out) };
+            r0 += 1;
+        }
+    }
+}
+
+/// MXFP4 rows as the token-column kernel reads them: per block, 32 signed doubled values (the
+/// 16 low nibbles, then the 16 high) as 8 pieces of 4 bytes, the block's weight scale, and
+/// `−128 · Σ values`, which cancels the `+128` of the activations.
+struct DecodedRows {
+    values: Vec<[i32; 8]>,
+    scales: Vec<f32>,
+    corrections: Vec<i32>,
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn decode_rows(blocks: &[u8], scales: &[u8], per_row: usize, rows: usize) -> DecodedRows {
+    let mut values = vec![[0i32; 8]; rows * per_row];
+    let mut corrections = vec![0i32; rows * per_row];
+    // SAFETY: the table has 16 bytes.
+    let lut =
+        _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(FP4_DOUBLED.as_ptr() as *const __m128i) });
+    let nibble = _mm512_set1_epi8(0x0F);
+    let bias = _mm512_set1_epi8(-128);
+    // Qword indices into (low, high): block i's 16 low values, then its 16 high ones.
+    let first_two = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    let last_two = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    let even_dwords = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    let full_spans = per_row / 4;
+    for row in 0..rows {
+        for span in 0..full_spans {
+            let at = row * per_row + span * 4;
+            // SAFETY: blocks at..at + 4 are 64 bytes inside `blocks`.
+            let codes = unsafe {
+                _mm512_loadu_si512(blocks.as_ptr().add(at * MXFP4_BLOCK_BYTES) as *const _)
+            };
+            let low = _mm512_shuffle_epi8(lut, _mm512_and_si512(codes, nibble));
+            let high =
+                _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble));
+            // SAFETY: `values[at..at + 4]` is 128 bytes.
+            unsafe {
+                let dst = values.as_mut_ptr().add(at) as *mut __m512i;
+                _mm512_storeu_si512(dst, _mm512_permutex2var_epi64(low, first_two, high));
+                _mm512_storeu_si512(dst.add(1), _mm512_permutex2var_epi64(low, last_two, high));
+            }
+            // Block sums: |low + high| <= 24, so +128 makes them unsigned bytes for vpsadbw,
+            // which sums each 8; adding the swapped qword gives each block's 16 in both.
+            let pairs = _mm512_xor_si512(_mm512_add_epi8(low, high), bias);
+            let sums = _mm512_sad_epu8(pairs, _mm512_setzero_si512());
+            let sums = _mm512_add_epi64(sums, _mm512_shuffle_epi32(sums, _MM_PERM_BADC));
+            let per_block = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(
+                _mm512_cvtepi64_epi32(sums),
+                even_dwords,
+            ));
+            // Σ values = sum − 16 · 128; the correction is −128 · Σ values.
+            let correction = _mm_slli_epi32(_mm_sub_epi32(_mm_set1_epi32(16 * 128), per_block), 7);
+            // SAFETY: `corrections[at..at + 4]` is 16 bytes.
+            unsafe { _mm_storeu_si128(corrections.as_mut_ptr().add(at) as *mut _, correction) };
+        }
+        for b in full_spans * 4..per_row {
+            let at = row * per_row + b;
+            let codes = &blocks[at * MXFP4_BLOCK_BYTES..(at + 1) * MXFP4_BLOCK_BYTES];
+            let mut block = [0i8; 32];
+            for (j, &byte) in codes.iter().enumerate() {
+                block[j] = FP4_DOUBLED[(byte & 0x0F) as usize];
+                block[16 + j] = FP4_DOUBLED[(byte >> 4) as usize];
+            }
+            for (piece, bytes) in values[at].iter_mut().zip(block.chunks_exact(4)) {
+                *piece = i32::from_le_bytes([
+                    bytes[0] as u8,
+                    bytes[1] as u8,
+                    bytes[2] as u8,
+                    bytes[3] as u8,
+                ]);
+            }
+            corrections[at] = -128 * block.iter().map(|&v| v as i32).sum::<i32>();
+        }
+    }
+    DecodedRows {
+        values,
+        scales: scales[..rows * per_row]
+            .iter()
+            .map(|&s| e8m0_to_f32(s))
+            .collect(),
+        corrections,
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn columns_tile<const R: usize>(
+    columns: &TokenColumns,
+    decoded: &DecodedRows,
+    r0: usize,
+    out: &mut [f32],
+) {
+    let (tokens, per_row) = (columns.tokens, columns.blocks);
+    for group in 0..tokens.div_ceil(GROUP_TOKENS) {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..per_row {
+            let at = (group * per_row + b) * 8 * GROUP_TOKENS;
+            let mut pieces = [_mm512_setzero_si512(); 8];
+            for (k, piece) in pieces.iter_mut().enumerate() {
+                // SAFETY: piece k of block b holds 16 tokens × 4 bytes.
+                *piece = unsafe {
+                    _mm512_loadu_si512(
+                        columns.pieces.as_ptr().add(at + k * GROUP_TOKENS) as *const _
+                    )
+                };
+            }
+            // SAFETY: 16 half scales of this group and block.
+            let half_scale = unsafe {
+                _mm512_loadu_ps(
+                    columns
+                        .half_scales
+                        .as_ptr()
+                        .add((group * per_row + b) * GROUP_TOKENS),
+                )
+            };
+            for r in 0..R {
+                let at = (r0 + r) * per_row + b;
+                let values = &decoded.values[at];
+                let mut dot = _mm512_set1_epi32(decoded.corrections[at]);
+                for (&piece, &weights) in pieces.iter().zip(values) {
+                    dot = _mm512_dpbusd_epi32(dot, piece, _mm512_set1_epi32(weights));
+                }
+                let scale = _mm512_mul_ps(half_scale, _mm512_set1_ps(decoded.scales[at]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+            }
+        }
+        let first = group * GROUP_TOKENS;
+        let valid = (tokens - first).min(GROUP_TOKENS);
+        for r in 0..R {
+            let mut lanes = [0f32; GROUP_TOKENS];
+            // SAFETY: `lanes` is 64 bytes.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+            let row = (r0 + r) * tokens + first;
+            out[row..row + valid].copy_from_slice(&lanes[..valid]);
         }
     }
 }

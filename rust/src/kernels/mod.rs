@@ -144,6 +144,9 @@ pub fn default_isa() -> Result<Isa, String> {
     DEFAULT.get_or_init(Isa::select).clone()
 }
 
+/// From this many tokens on, AVX-512 runs 8-bit MXFP4 products with the tokens in vector lanes.
+const COLUMN_KERNEL_TOKENS: usize = 16;
+
 /// Output rows per parallel task: enough work to amortise scheduling, few enough to balance.
 const ROWS_PER_TASK: usize = 64;
 
@@ -258,6 +261,8 @@ enum Activations<'a> {
     Q8(q8::Q8Activations),
     /// 8-bit, `[tokens, spans]` (the SIMD kernels).
     Q8Spans(Vec<q8::Q8Span>),
+    /// 8-bit, tokens in vector lanes (the AVX-512 prefill kernel).
+    Q8Columns(q8::TokenColumns),
     /// bf16 bits, natural order (`vdpbf16ps`).
     Bf16(Vec<u16>),
 }
@@ -271,6 +276,11 @@ fn prepare_activations<'a>(
     cols: usize,
 ) -> Activations<'a> {
     match (isa, weights, precision) {
+        (Isa::Avx512, WeightMatrix::Mxfp4 { .. }, Precision::Fast)
+            if q8_kernels(isa) == Isa::Avx512 && x.len() >= COLUMN_KERNEL_TOKENS * cols =>
+        {
+            Activations::Q8Columns(q8::to_token_columns(&q8::quantize(x), cols))
+        }
         (_, WeightMatrix::Mxfp4 { .. }, Precision::Fast) if q8_kernels(isa) != Isa::Scalar => {
             Activations::Q8Spans(q8::to_spans(&q8::quantize(x), cols))
         }
@@ -346,6 +356,10 @@ fn run_kernel(
                 #[cfg(target_arch = "x86_64")]
                 (Activations::Q8Spans(spans), Isa::Avx512) => unsafe {
                     avx512::matmul_mxfp4_q8(spans, tokens, blocks, scales, cols, out)
+                },
+                #[cfg(target_arch = "x86_64")]
+                (Activations::Q8Columns(columns), Isa::Avx512) => unsafe {
+                    avx512::matmul_mxfp4_q8_columns(columns, blocks, scales, out)
                 },
                 (Activations::F32(x), _) => match isa {
                     Isa::Scalar => scalar::matmul_mxfp4(x, tokens, blocks, scales, cols, out),
@@ -663,7 +677,8 @@ mod tests {
         (blocks, scales)
     }
 
-    const MXFP4_SHAPES: [(usize, usize, usize); 9] = [
+    /// Ragged rows, blocks and tokens; from 16 tokens on, AVX-512 runs the token-column kernel.
+    const MXFP4_SHAPES: [(usize, usize, usize); 12] = [
         (1, 32, 1),
         (3, 64, 2),
         (5, 96, 3),
@@ -673,6 +688,9 @@ mod tests {
         (6, 32, 7),
         (4, 544, 6),
         (2, 4096, 3),
+        (13, 160, 16),
+        (70, 2880, 37),
+        (8, 96, 40),
     ];
 
     #[test]
