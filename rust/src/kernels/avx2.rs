@@ -6,6 +6,7 @@
 
 use std::arch::x86_64::*;
 
+use super::q8::{Q8Span, FP4_DOUBLED_PLUS_12};
 use super::{for_each_tile, MXFP4_BLOCK_BYTES};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]`, with `x` in [`super::unpack_order`] for 16-wide
@@ -149,6 +150,147 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
                 let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(base + offset)) };
                 for r in 0..R {
                     acc[r][t] = _mm256_fmadd_ps(wv[r][q], xv, acc[r][t]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[(r0 + r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
+        }
+    }
+}
+
+/// MXFP4 rows × 8-bit activations ([`Q8Span`]s, as for the AVX-512 kernel). A span's 4 blocks are
+/// read as two 32-byte halves (blocks 0-1 and 2-3); each half's nibbles map to offset doubled values
+/// (unsigned bytes), `vpmaddubsw` multiplies them into the activation codes and `vpmaddwd` by ones
+/// sums each 32-bit lane; 16-bit sums of both nibbles' pairs are at most 4 · 24 · 127, so all exact.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `blocks` is `[rows, cols / 2]`, `scales` `[rows, cols / 32]`,
+/// `spans` as [`super::q8::to_spans`] gives for `[tokens, cols]`, `out` `[rows, tokens]`, and
+/// `cols` a multiple of 32.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn matmul_mxfp4_q8(
+    spans: &[Q8Span],
+    tokens: usize,
+    blocks: &[u8],
+    scales: &[u8],
+    cols: usize,
+    out: &mut [f32],
+) {
+    for_each_tile!(out, tokens, |r0, t0, R, T| {
+        // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
+        unsafe { tile_mxfp4_q8::<R, T>(spans, blocks, scales, cols, r0, t0, tokens, out) }
+    });
+}
+
+/// The first `count` (1 to 8) of `scales` as f32 lanes, exactly; absent lanes are 0.
+#[target_feature(enable = "avx2,fma")]
+fn block_scales(scales: &[u8], count: usize) -> __m256 {
+    // Byte by byte only for a row's last, partial octet: a variable-length copy would be a call,
+    // which spills every vector register.
+    let bytes = match scales.first_chunk::<8>() {
+        Some(&all) if count == 8 => u64::from_le_bytes(all),
+        _ => scales[..count]
+            .iter()
+            .rev()
+            .fold(0, |v, &b| v << 8 | u64::from(b)),
+    };
+    let s = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes as i64));
+    // 2^(s-127) is the exponent field s; s = 0 (2^-127, subnormal) is kept exact by a blend.
+    // Absent lanes stay 0, not subnormal: multiplying by a subnormal can take a slow path.
+    let present = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(count as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    let subnormal = _mm256_and_si256(present, _mm256_set1_epi32(0x0040_0000));
+    let bits = _mm256_blendv_epi8(
+        _mm256_slli_epi32(s, 23),
+        subnormal,
+        _mm256_cmpeq_epi32(s, _mm256_setzero_si256()),
+    );
+    _mm256_castsi256_ps(bits)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
+    spans: &[Q8Span],
+    blocks: &[u8],
+    scales: &[u8],
+    cols: usize,
+    r0: usize,
+    t0: usize,
+    tokens: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: the table has 16 bytes.
+    let lut = _mm256_broadcastsi128_si256(unsafe {
+        _mm_loadu_si128(FP4_DOUBLED_PLUS_12.as_ptr() as *const __m128i)
+    });
+    let nibble = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // Lane i of a half reads the scale of its block i / 4.
+    let lane_block = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    let groups = cols / 32;
+    let spans_per_row = groups.div_ceil(4);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+
+    // Pair p is blocks 2p and 2p + 1 of a row, half p % 2 of span p / 2. Scales are converted 8
+    // blocks (4 pairs) at a time.
+    for octet in (0..groups).step_by(8) {
+        let mut row_scales = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            let first = (r0 + r) * groups + octet;
+            row_scales[r] = block_scales(&scales[first..], (groups - octet).min(8));
+        }
+        for pair in octet / 2..(octet + 8).min(groups).div_ceil(2) {
+            let lanes = _mm256_add_epi32(lane_block, _mm256_set1_epi32((pair * 2 - octet) as i32));
+            let lone = pair * 2 + 1 == groups;
+            let mut low = [_mm256_setzero_si256(); R];
+            let mut high = [_mm256_setzero_si256(); R];
+            let mut weight_scale = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                // SAFETY: blocks 2p and 2p + 1 of row r0 + r lie inside `blocks`; if 2p is the row's
+                // last block (`lone`), only its 16 bytes are read.
+                let codes = unsafe {
+                    let at = blocks
+                        .as_ptr()
+                        .add(((r0 + r) * groups + pair * 2) * MXFP4_BLOCK_BYTES);
+                    if lone {
+                        _mm256_zextsi128_si256(_mm_loadu_si128(at as *const __m128i))
+                    } else {
+                        _mm256_loadu_si256(at as *const __m256i)
+                    }
+                };
+                low[r] = _mm256_shuffle_epi8(lut, _mm256_and_si256(codes, nibble));
+                high[r] =
+                    _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble));
+                weight_scale[r] = _mm256_permutevar8x32_ps(row_scales[r], lanes);
+            }
+            // The pair's first byte and lane within its span.
+            let (byte, lane) = (pair % 2 * 32, pair % 2 * 8);
+            for t in 0..T {
+                let s = &spans[(t0 + t) * spans_per_row + pair / 2];
+                // SAFETY: `Q8Span` is 64-byte aligned and its fields are 64 bytes each, so each
+                // half is 32 aligned bytes inside the span.
+                let (even, odd, correction, half_scale) = unsafe {
+                    (
+                        _mm256_load_si256(s.even.as_ptr().add(byte) as *const __m256i),
+                        _mm256_load_si256(s.odd.as_ptr().add(byte) as *const __m256i),
+                        _mm256_load_si256(s.correction.as_ptr().add(lane) as *const __m256i),
+                        _mm256_load_ps(s.half_scale.as_ptr().add(lane)),
+                    )
+                };
+                for r in 0..R {
+                    let pairs = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(low[r], even),
+                        _mm256_maddubs_epi16(high[r], odd),
+                    );
+                    let dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), correction);
+                    let partial = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), half_scale);
+                    acc[r][t] = _mm256_fmadd_ps(partial, weight_scale[r], acc[r][t]);
                 }
             }
         }

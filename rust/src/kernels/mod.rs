@@ -361,6 +361,10 @@ fn run_kernel(
                 (Activations::Q8Columns(columns), Isa::Avx512) => unsafe {
                     avx512::matmul_mxfp4_q8_columns(columns, blocks, scales, out)
                 },
+                #[cfg(target_arch = "x86_64")]
+                (Activations::Q8Spans(spans), Isa::Avx2) => unsafe {
+                    avx2::matmul_mxfp4_q8(spans, tokens, blocks, scales, cols, out)
+                },
                 (Activations::F32(x), _) => match isa {
                     Isa::Scalar => scalar::matmul_mxfp4(x, tokens, blocks, scales, cols, out),
                     #[cfg(target_arch = "x86_64")]
@@ -391,6 +395,8 @@ fn q8_kernels(isa: Isa) -> Isa {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if has_avx512_vnni() => Isa::Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 if Isa::Avx2.is_supported() => Isa::Avx2,
         _ => Isa::Scalar,
     }
 }
@@ -674,11 +680,14 @@ mod tests {
             .map(|_| 120 + (rng.next_u32() % 16) as u8)
             .collect();
         scales[0] = 1;
+        if scales.len() > 1 {
+            scales[1] = 0;
+        }
         (blocks, scales)
     }
 
     /// Ragged rows, blocks and tokens; from 16 tokens on, AVX-512 runs the token-column kernel.
-    const MXFP4_SHAPES: [(usize, usize, usize); 12] = [
+    const MXFP4_SHAPES: [(usize, usize, usize); 13] = [
         (1, 32, 1),
         (3, 64, 2),
         (5, 96, 3),
@@ -691,6 +700,8 @@ mod tests {
         (13, 160, 16),
         (70, 2880, 37),
         (8, 96, 40),
+        // 11 blocks: a lone last block in the second half of a span, past the first 8 blocks.
+        (3, 352, 5),
     ];
 
     #[test]
