@@ -1,4 +1,5 @@
-"""Matrix kernel benchmarks: ``_core.matmul_bf16`` and ``_core.matmul_mxfp4`` for every ISA.
+"""Matrix kernel benchmarks: ``_core.matmul_bf16`` and ``_core.matmul_mxfp4`` for every ISA and
+precision (``exact``: fp32 activations; ``fast``: activations rounded to bf16 / 8 bits).
 
 Run with ``pytest benches/test_kernels.py`` (see ``benches/README.md``). Each case records its
 effective weight bandwidth (``gb_s``: weight bytes / mean time) and ``gflop_s``
@@ -12,6 +13,9 @@ Shapes (``K = 2880``, the hidden size of gpt-oss-20b):
   so the matrices are several times larger than the last-level cache (bf16: 16384 x 2880 =
   94 MB; MXFP4: 65536 x 2880 = 100 MB) to measure streaming from DRAM, as in the model.
 * ``prefill``: ``T = 64``, ``N = 5760`` (one expert's gate_up projection): compute-bound.
+
+The ``fast`` kernels are checked against the ``scalar`` kernel of the same precision (which rounds
+the activations the same way), and that one against NumPy on the rounded activations' error bound.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pytest
 _core = pytest.importorskip("gpt_oss_cpu._core")
 
 ISAS: list[str] = list(_core.build_info()["supported_isas"])  # type: ignore[arg-type]
+PRECISIONS = ["exact", "fast"]
 K = 2880
 CHECK_ROWS = 96  # rows of the small matrices used for the correctness checks
 
@@ -71,35 +76,41 @@ def mxfp4_reference(x: np.ndarray, blocks: np.ndarray, scales: np.ndarray) -> np
     return x.astype(np.float64) @ weights.reshape(blocks.shape[0], -1).T
 
 
-def assert_close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+def assert_close(actual: np.ndarray, expected: np.ndarray, what: str, rtol: float = 1e-5) -> None:
     # fp32 sums of 2880 products in different orders: relative 1e-5, plus an absolute term for
     # outputs that cancel to near zero (a wrong kernel is off by the size of the outputs).
     scale = float(np.abs(expected).max())
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale, err_msg=what)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
-_checked: set[tuple[str, str, int]] = set()
+# Rounding the activations (bf16: 2^-9 relative; 8 bits: 1/254 of the block maximum) moves each
+# output by a fraction of its magnitude that averages out over 2880 products: 1e-2 of the largest
+# output bounds it with room, and a wrong kernel is off by the size of the outputs.
+ROUNDED_RTOL = 1e-2
+
+_checked: set[tuple[str, str, str, int]] = set()
 
 
-def check_against_scalar(kind: str, isa: str, tokens: int) -> None:
-    """Once per (kind, isa, T): ``isa`` agrees with ``scalar``, ``scalar`` with NumPy."""
-    if (kind, isa, tokens) in _checked:
+def check_against_scalar(kind: str, isa: str, precision: str, tokens: int) -> None:
+    """Once per case: ``isa`` agrees with ``scalar`` at ``precision``, ``scalar`` with NumPy."""
+    if (kind, isa, precision, tokens) in _checked:
         return
     rng = np.random.default_rng(1234 + tokens)
     x = rng.standard_normal((tokens, K), dtype=np.float32)
+    rtol = 1e-5 if precision == "exact" else ROUNDED_RTOL
     if kind == "bf16":
         w = random_bf16(rng, (CHECK_ROWS, K))
-        expected = _core.matmul_bf16(x, w, "scalar")
-        assert_close(expected, bf16_reference(x, w), "scalar bf16 vs numpy")
-        actual = _core.matmul_bf16(x, w, isa)
+        expected = _core.matmul_bf16(x, w, "scalar", precision)
+        assert_close(expected, bf16_reference(x, w), "scalar bf16 vs numpy", rtol)
+        actual = _core.matmul_bf16(x, w, isa, precision)
     else:
         blocks, scales = random_mxfp4(rng, CHECK_ROWS)
-        expected = _core.matmul_mxfp4(x, blocks, scales, "scalar")
-        assert_close(expected, mxfp4_reference(x, blocks, scales), "scalar mxfp4 vs numpy")
-        actual = _core.matmul_mxfp4(x, blocks, scales, isa)
+        expected = _core.matmul_mxfp4(x, blocks, scales, "scalar", precision)
+        assert_close(expected, mxfp4_reference(x, blocks, scales), "scalar mxfp4 vs numpy", rtol)
+        actual = _core.matmul_mxfp4(x, blocks, scales, isa, precision)
     assert actual.shape == (tokens, CHECK_ROWS)
-    assert_close(actual, expected, f"{isa} {kind} vs scalar")
-    _checked.add((kind, isa, tokens))
+    assert_close(actual, expected, f"{isa} {precision} {kind} vs scalar")
+    _checked.add((kind, isa, precision, tokens))
 
 
 def record(benchmark: Any, weight_bytes: int, flops: int) -> None:
@@ -120,29 +131,36 @@ def run(benchmark: Any, fn: Callable[[], np.ndarray], tokens: int, rows: int) ->
     return result
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-def test_matmul_bf16(benchmark: Any, shape: Shape, isa: str) -> None:
-    check_against_scalar("bf16", isa, shape.tokens)
+def test_matmul_bf16(benchmark: Any, shape: Shape, isa: str, precision: str) -> None:
+    check_against_scalar("bf16", isa, precision, shape.tokens)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((shape.tokens, K), dtype=np.float32)
     w = random_bf16(rng, (shape.rows_bf16, K))
     benchmark.group = f"bf16 {shape.name} T={shape.tokens} N={shape.rows_bf16} K={K}"
-    run(benchmark, lambda: _core.matmul_bf16(x, w, isa), shape.tokens, shape.rows_bf16)
+    run(
+        benchmark,
+        lambda: _core.matmul_bf16(x, w, isa, precision),
+        shape.tokens,
+        shape.rows_bf16,
+    )
     record(benchmark, w.nbytes, 2 * shape.tokens * shape.rows_bf16 * K)
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-def test_matmul_mxfp4(benchmark: Any, shape: Shape, isa: str) -> None:
-    check_against_scalar("mxfp4", isa, shape.tokens)
+def test_matmul_mxfp4(benchmark: Any, shape: Shape, isa: str, precision: str) -> None:
+    check_against_scalar("mxfp4", isa, precision, shape.tokens)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((shape.tokens, K), dtype=np.float32)
     blocks, scales = random_mxfp4(rng, shape.rows_mxfp4)
     benchmark.group = f"mxfp4 {shape.name} T={shape.tokens} N={shape.rows_mxfp4} K={K}"
     run(
         benchmark,
-        lambda: _core.matmul_mxfp4(x, blocks, scales, isa),
+        lambda: _core.matmul_mxfp4(x, blocks, scales, isa, precision),
         shape.tokens,
         shape.rows_mxfp4,
     )

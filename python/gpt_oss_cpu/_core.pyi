@@ -168,3 +168,16 @@ def build_info() -> dict[str, object]: ...
 def measure_read_bandwidth(
     size_bytes: int = 1 << 30, threads: int | None = None, repeats: int = 5
 ) -> float: ...
+def matmul_bf16(
+    x: npt.NDArray[np.float32],
+    w: npt.NDArray[np.uint16],
+    isa: Literal["scalar", "avx2", "avx512"] | None = None,
+    precision: Literal["exact", "fast"] = "exact",
+) -> npt.NDArray[np.float32]: ...
+def matmul_mxfp4(
+    x: npt.NDArray[np.float32],
+    blocks: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.uint8],
+    isa: Literal["scalar", "avx2", "avx512"] | None = None,
+    precision: Literal["exact", "fast"] = "exact",
+) -> npt.NDArray[np.float32]: ...

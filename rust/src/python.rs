@@ -729,14 +729,16 @@ fn parse_isa(py: Python<'_>, name: Option<&str>) -> PyResult<Isa> {
 /// `x @ w.T` for float32 `x` `[T, K]` and bf16 bit patterns `w` (uint16) `[N, K]`: the model's
 /// dense kernel, exposed for benchmarks and cross-checks.
 #[pyfunction]
-#[pyo3(signature = (x, w, isa=None))]
+#[pyo3(signature = (x, w, isa=None, precision="exact"))]
 fn matmul_bf16<'py>(
     py: Python<'py>,
     x: numpy::PyReadonlyArray2<'py, f32>,
     w: numpy::PyReadonlyArray2<'py, u16>,
     isa: Option<&str>,
+    precision: &str,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
     let isa = parse_isa(py, isa)?;
+    let precision = parse_precision(py, precision)?;
     let (tokens, cols, rows, w_cols) = (x.shape()[0], x.shape()[1], w.shape()[0], w.shape()[1]);
     if cols != w_cols || tokens == 0 || rows == 0 || cols == 0 {
         return Err(input_error(
@@ -754,7 +756,7 @@ fn matmul_bf16<'py>(
         bias: None,
         y: &mut y,
     };
-    py.detach(|| kernels::matmul(isa, Precision::Exact, job));
+    py.detach(|| kernels::matmul(isa, precision, job));
     array2(py, y, rows)
 }
 
