@@ -257,8 +257,16 @@ pub unsafe fn matmul_mxfp4_q8(
 unsafe fn block_scales(scales: *const u8, count: usize) -> __m512 {
     let present = ((1u32 << count) - 1) as u16;
     // SAFETY: the caller guarantees `count` readable bytes at `scales`; masked-off bytes are not
-    // read (AVX-512 masked loads suppress faults).
-    let s = _mm512_cvtepu8_epi32(unsafe { _mm_maskz_loadu_epi8(present, scales as *const i8) });
+    // read (AVX-512 masked loads suppress faults). Masked loads are slow on some CPUs (Zen 4), so
+    // only a partial group uses one.
+    let bytes = unsafe {
+        if count == 16 {
+            _mm_loadu_si128(scales as *const __m128i)
+        } else {
+            _mm_maskz_loadu_epi8(present, scales as *const i8)
+        }
+    };
+    let s = _mm512_cvtepu8_epi32(bytes);
     // 2^(s-127) is the exponent field s; s = 0 (2^-127, subnormal) is kept exact by a blend.
     // Absent lanes stay 0, not subnormal: multiplying by a subnormal can take a slow path.
     let zero = _mm512_mask_cmpeq_epi32_mask(present, s, _mm512_setzero_si512());
@@ -319,10 +327,10 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
                     let at = blocks
                         .as_ptr()
                         .add(((r0 + r) * groups + span * 4) * MXFP4_BLOCK_BYTES);
-                    if span_blocks == 4 {
-                        _mm512_loadu_si512(at as *const _)
-                    } else {
-                        _mm512_maskz_loadu_epi8(code_mask, at as *const i8)
+                    match span_blocks {
+                        4 => _mm512_loadu_si512(at as *const _),
+                        2 => _mm512_zextsi256_si512(_mm256_loadu_si256(at as *const _)),
+                        _ => _mm512_maskz_loadu_epi8(code_mask, at as *const i8),
                     }
                 };
                 low[r] = _mm512_shuffle_epi8(lut, _mm512_and_si512(codes, nibble));
@@ -357,23 +365,32 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
     }
 }
 
-/// bf16 rows × bf16 activations (the fast path's dense products): `vdpbf16ps` multiplies the 32
-/// bf16 pairs of one 64-byte load of weights and of activations exactly and adds each pair's sum
-/// into an f32 lane, so row-major weights and activations need no reordering.
+/// bf16 rows × activations given as `P` bf16 parts per token (`x = Σ parts`): `vdpbf16ps`
+/// multiplies the 32 bf16 pairs of one 64-byte load of weights and of a part exactly and adds
+/// each pair's sum into an f32 lane, so row-major weights and activations need no reordering.
+/// The fast path rounds each activation to one part; the exact path splits it into three, which
+/// hold all 24 bits of an f32, each part summed in its own accumulator.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW, VL and BF16; `x` is `[tokens, cols]` bf16 bits, `w`
+/// The CPU must support AVX-512 F, BW, VL and BF16; `x` is `[tokens, P, cols]` bf16 bits, `w`
 /// `[rows, cols]`, `out` `[rows, tokens]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub unsafe fn matmul_bf16_bf16(x: &[u16], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
-    for_each_tile!(out, tokens, |r0, t0, R, T| {
+pub unsafe fn matmul_bf16_parts<const P: usize>(
+    x: &[u16],
+    tokens: usize,
+    w: &[u16],
+    cols: usize,
+    out: &mut [f32],
+) {
+    // Tiles of up to 4 rows × (4 / P) tokens: P accumulators per output fit the registers.
+    for_each_tile!(out, tokens, 4, 4 / P, |r0, t0, R, T| {
         // SAFETY: the tile lies inside `w`, `x` and `out` by construction of `for_each_tile`.
-        unsafe { tile_bf16_bf16::<R, T>(x, w, cols, r0, t0, tokens, out) }
+        unsafe { tile_bf16_parts::<R, T, P>(x, w, cols, r0, t0, tokens, out) }
     });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn tile_bf16_bf16<const R: usize, const T: usize>(
+unsafe fn tile_bf16_parts<const R: usize, const T: usize, const P: usize>(
     x: &[u16],
     w: &[u16],
     cols: usize,
@@ -382,7 +399,7 @@ unsafe fn tile_bf16_bf16<const R: usize, const T: usize>(
     tokens: usize,
     out: &mut [f32],
 ) {
-    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut acc = [[[_mm512_setzero_ps(); P]; T]; R];
     let full = cols / 32 * 32;
     for c in (0..full).step_by(32) {
         let mut rows = [_mm512_setzero_si512(); R];
@@ -392,30 +409,39 @@ unsafe fn tile_bf16_bf16<const R: usize, const T: usize>(
                 unsafe { _mm512_loadu_si512(w.as_ptr().add((r0 + r) * cols + c) as *const _) };
         }
         for t in 0..T {
-            // SAFETY: 32 activations of token t0 + t from column c.
-            let xv = unsafe { _mm512_loadu_si512(x.as_ptr().add((t0 + t) * cols + c) as *const _) };
-            for r in 0..R {
-                // SAFETY: `__m512bh` and `__m512i` are the same 64 bytes, read as 32 bf16.
-                acc[r][t] = unsafe {
-                    _mm512_dpbf16_ps(
-                        acc[r][t],
-                        std::mem::transmute::<__m512i, __m512bh>(rows[r]),
-                        std::mem::transmute::<__m512i, __m512bh>(xv),
-                    )
+            for p in 0..P {
+                // SAFETY: 32 values of part p of token t0 + t from column c.
+                let part = unsafe {
+                    _mm512_loadu_si512(x.as_ptr().add(((t0 + t) * P + p) * cols + c) as *const _)
                 };
+                for r in 0..R {
+                    // SAFETY: `__m512bh` and `__m512i` are the same 64 bytes, read as 32 bf16.
+                    acc[r][t][p] = unsafe {
+                        _mm512_dpbf16_ps(
+                            acc[r][t][p],
+                            std::mem::transmute::<__m512i, __m512bh>(rows[r]),
+                            std::mem::transmute::<__m512i, __m512bh>(part),
+                        )
+                    };
+                }
             }
         }
     }
     for r in 0..R {
-        let w_row = &w[(r0 + r) * cols + full..(r0 + r + 1) * cols];
+        let w_row = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
         for t in 0..T {
-            let x_row = &x[(t0 + t) * cols + full..(t0 + t + 1) * cols];
-            let tail: f32 = x_row
-                .iter()
-                .zip(w_row)
-                .map(|(&a, &b)| bf16_to_f32(a) * bf16_to_f32(b))
-                .sum();
-            out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]) + tail;
+            let mut total = 0f32;
+            // Smallest part first.
+            for p in (0..P).rev() {
+                let x_row = &x[((t0 + t) * P + p) * cols..((t0 + t) * P + p + 1) * cols];
+                let tail: f32 = x_row[full..]
+                    .iter()
+                    .zip(&w_row[full..])
+                    .map(|(&a, &b)| bf16_to_f32(a) * bf16_to_f32(b))
+                    .sum();
+                total += _mm512_reduce_add_ps(acc[r][t][p]) + tail;
+            }
+            out[(r0 + r) * tokens + t0 + t] = total;
         }
     }
 }

@@ -144,11 +144,40 @@ pub fn default_isa() -> Result<Isa, String> {
     DEFAULT.get_or_init(Isa::select).clone()
 }
 
+/// Up to this many tokens, exact bf16 products on AVX-512 BF16 split the activations into parts.
+const EXACT_BF16_PARTS_TOKENS: usize = 1;
+
+/// `x` as three bf16 values that sum to it exactly: each is `x`'s remainder truncated to its top
+/// 8 significant bits, and an f32 has 24.
+fn split_bf16(x: f32) -> [u16; 3] {
+    let high = (x.to_bits() >> 16) as u16;
+    let rest = x - f32::from_bits((high as u32) << 16);
+    let middle = (rest.to_bits() >> 16) as u16;
+    let low = ((rest - f32::from_bits((middle as u32) << 16)).to_bits() >> 16) as u16;
+    [high, middle, low]
+}
+
 /// From this many tokens on, AVX-512 runs 8-bit MXFP4 products with the tokens in vector lanes.
 const COLUMN_KERNEL_TOKENS: usize = 16;
 
-/// Output rows per parallel task: enough work to amortise scheduling, few enough to balance.
-const ROWS_PER_TASK: usize = 64;
+/// Weight bytes per parallel task: enough for the hardware prefetcher to get up to speed and to
+/// amortise scheduling, little enough to balance the threads.
+const TASK_BYTES: usize = 256 << 10;
+
+impl WeightMatrix<'_> {
+    /// Bytes of one row of `cols` weights.
+    fn row_bytes(&self, cols: usize) -> usize {
+        match self {
+            WeightMatrix::Bf16(_) => cols * 2,
+            WeightMatrix::Mxfp4 { .. } => cols / 2 + cols / MXFP4_BLOCK_VALUES,
+        }
+    }
+
+    /// Output rows per parallel task: a multiple of 8 (whole register tiles).
+    fn rows_per_task(&self, cols: usize) -> usize {
+        (TASK_BYTES / self.row_bytes(cols)).max(8) / 8 * 8
+    }
+}
 
 /// A weight matrix `[rows, cols]` in one of the checkpoint's formats.
 #[derive(Clone, Copy)]
@@ -214,8 +243,9 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
     let mut tasks = Vec::new();
     for (j, (y, by_row, _, _, tokens)) in outputs.iter_mut().enumerate() {
         let buffer: &mut [f32] = by_row.as_deref_mut().unwrap_or(y);
-        for (i, out) in buffer.chunks_mut(ROWS_PER_TASK * *tokens).enumerate() {
-            tasks.push((j, i * ROWS_PER_TASK, out));
+        let rows = specs[j].weights.rows_per_task(specs[j].cols);
+        for (i, out) in buffer.chunks_mut(rows * *tokens).enumerate() {
+            tasks.push((j, i * rows, out));
         }
     }
     tasks.into_par_iter().for_each(|(j, first, out)| {
@@ -263,8 +293,12 @@ enum Activations<'a> {
     Q8Spans(Vec<q8::Q8Span>),
     /// 8-bit, tokens in vector lanes (the AVX-512 prefill kernel).
     Q8Columns(q8::TokenColumns),
-    /// bf16 bits, natural order (`vdpbf16ps`).
-    Bf16(Vec<u16>),
+    /// `[tokens, parts, cols]` bf16 bits (`vdpbf16ps`): one part rounded (fast), or three that
+    /// sum to the f32 exactly (exact).
+    Bf16Parts {
+        parts: usize,
+        bits: Vec<u16>,
+    },
 }
 
 /// The activations in the form and order the kernels of `isa` read them for `weights`.
@@ -287,11 +321,29 @@ fn prepare_activations<'a>(
         (_, WeightMatrix::Mxfp4 { .. }, Precision::Fast) => Activations::Q8(q8::quantize(x)),
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512, WeightMatrix::Bf16(_), Precision::Fast) if has_avx512_bf16() => {
-            Activations::Bf16(
-                x.iter()
+            Activations::Bf16Parts {
+                parts: 1,
+                bits: x
+                    .iter()
                     .map(|&v| half::bf16::from_f32(v).to_bits())
                     .collect(),
-            )
+            }
+        }
+        // Decoding: three bf16 dot products per weight cost fewer instructions than widening
+        // the weights to f32, and the products stay exact; prefill keeps the f32 kernel.
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, WeightMatrix::Bf16(_), Precision::Exact)
+            if has_avx512_bf16() && x.len() <= EXACT_BF16_PARTS_TOKENS * cols =>
+        {
+            let mut bits = vec![0u16; 3 * x.len()];
+            for (row, out) in x.chunks_exact(cols).zip(bits.chunks_exact_mut(3 * cols)) {
+                for (c, &v) in row.iter().enumerate() {
+                    for (p, part) in split_bf16(v).into_iter().enumerate() {
+                        out[p * cols + c] = part;
+                    }
+                }
+            }
+            Activations::Bf16Parts { parts: 3, bits }
         }
         (_, WeightMatrix::Bf16(_), Precision::Fast) => {
             let rounded: Vec<f32> = x
@@ -383,8 +435,12 @@ fn run_kernel(
         }
         // SAFETY: `prepare_activations` gave bf16 activations only where AVX-512 BF16 runs.
         #[cfg(target_arch = "x86_64")]
-        (WeightMatrix::Bf16(w), Activations::Bf16(x)) => unsafe {
-            avx512::matmul_bf16_bf16(x, tokens, &w[first * cols..(first + n) * cols], cols, out)
+        (WeightMatrix::Bf16(w), Activations::Bf16Parts { parts, bits }) => unsafe {
+            let w = &w[first * cols..(first + n) * cols];
+            match parts {
+                1 => avx512::matmul_bf16_parts::<1>(bits, tokens, w, cols, out),
+                _ => avx512::matmul_bf16_parts::<3>(bits, tokens, w, cols, out),
+            }
         },
         (WeightMatrix::Bf16(_), _) => unreachable!("no bf16 kernel for these activations"),
     }
@@ -798,6 +854,29 @@ mod tests {
             }
             // The fast path really rounded.
             assert!(worst > 0.0, "{rows}x{cols}x{tokens}");
+        }
+    }
+
+    #[test]
+    fn split_bf16_parts_sum_to_the_f32_exactly() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut values = random_f32(&mut rng, 10_000);
+        values.extend([
+            0.0,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN_POSITIVE * 1e6,
+            -3.1e-30,
+            7.0e30,
+        ]);
+        for (i, v) in values.iter_mut().enumerate() {
+            *v *= (i % 7) as f32 * 100.0 + 0.01;
+        }
+        for v in values {
+            let parts = split_bf16(v).map(|p| f32::from_bits((p as u32) << 16));
+            // Each part is the remainder of the larger ones, so adding smallest first is exact.
+            assert_eq!(parts[0] + (parts[1] + parts[2]), v, "{v:e} -> {parts:?}");
         }
     }
 
