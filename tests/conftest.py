@@ -18,6 +18,24 @@ import numpy as np
 import pytest
 
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Points ``XDG_CACHE_HOME`` (where ``dense="q8"`` caches its weights) at a temporary
+    directory for the whole session, so tests never write to the user's cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("xdg-cache")
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(path)
+    yield path
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 MODELS = DATA / "models"
 REPORT_PATH = Path(__file__).parent / ".last_report.txt"
 

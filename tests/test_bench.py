@@ -27,6 +27,7 @@ STABLE_KEYS = {
     "checkpoint_bytes",
     "isa",
     "precision",
+    "dense",
     "threads",
     "model",
 }
@@ -59,6 +60,18 @@ def test_decode_bytes_per_token_20b() -> None:
     assert parts["experts"] == EXPERTS_20B == 1_270_702_080
     assert parts["router"] == ROUTER_20B == 4_425_216
     assert parts["unembedding"] == UNEMBEDDING_20B
+
+
+def test_decode_bytes_with_8_bit_dense_weights() -> None:
+    cfg = synthetic.CONFIGS["20b"]
+    attention_weights = 24 * (2 * 4096 * 2880 + 2 * 512 * 2880)
+    # 36 bytes per 32 weights instead of 64, for the attention and unembedding matrices.
+    saved = (attention_weights + 201_088 * 2880) * (64 - 36) // 32
+    q8 = bench.decode_bytes_per_token(cfg, 0, "q8")
+    assert q8 == bench.decode_bytes_per_token(cfg, 0) - saved == 2_644_061_952
+    assert bench.decode_bytes_breakdown(cfg, 0, "q8")["experts"] == EXPERTS_20B
+    with pytest.raises(ValueError):
+        bench.decode_bytes_per_token(cfg, 0, "q4")
 
 
 def test_decode_bytes_kv_grows_with_depth_until_the_window() -> None:
@@ -159,17 +172,17 @@ def test_bench_cli_json(tiny_dir: Path) -> None:
     import gpt_oss_cpu
 
     assert data["isa"] in gpt_oss_cpu.build_info()["supported_isas"]
-    assert data["precision"] == "exact"
+    assert (data["precision"], data["dense"]) == ("exact", "bf16")
     assert data["threads"] >= 1
 
 
 def test_bench_cli_table_and_options(tiny_dir: Path) -> None:
     args = ["bench", "--model", str(tiny_dir), "--pp", "8", "--tg", "3", "--depth", "130"]
-    options = ("--threads", "1", "--isa", "scalar", "--precision", "fast", "--repetitions", "2")
-    result = run_cli(*args, *options)
+    options = ("--threads", "1", "--isa", "scalar", "--precision", "fast", "--dense", "q8")
+    result = run_cli(*args, *options, "--repetitions", "2")
     assert result.returncode == 0, result.stderr
     table = result.stdout
-    build = "isa scalar, fast precision, 1 thread\n"
+    build = "isa scalar, fast precision, q8 dense, 1 thread\n"
     for needle in ("prefill pp8", "decode tg3 @ depth 130", build, "roofline"):
         assert needle in table, table
     assert run_cli("bench", "--model", str(tiny_dir / "missing")).returncode == 2

@@ -510,26 +510,28 @@ def test_every_kernel_isa_matches_golden(
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dense", ["bf16", "q8"])
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_fast_precision_is_at_least_as_accurate_as_the_reference_bf16_path(
-    model_dir: Path, ref, isa: str, model_name: str, report: Report
+    model_dir: Path, ref, isa: str, dense: str, model_name: str, report: Report
 ) -> None:
-    """precision="fast" rounds activations (8 bits per block for the experts, bf16 elsewhere), so
-    it cannot hold the fp32 tolerance: these tiny random models amplify any rounding (OpenAI's own
-    bf16 path misses the golden argmax at 5/64 and 44/96 positions, crosscheck_openai.json). It must
-    do at least as well as that bf16 path, and really differ from the exact path."""
+    """precision="fast" rounds activations (8 bits per block for the experts, bf16 elsewhere; with
+    dense="q8" also the attention and unembedding weights), so it cannot hold the fp32 tolerance:
+    these tiny random models amplify any rounding (OpenAI's own bf16 path misses the golden argmax
+    at 5/64 and 44/96 positions, crosscheck_openai.json). It must do at least as well as that bf16
+    path, and really differ from the exact path."""
     if isa not in gpt_oss_cpu.build_info()["supported_isas"]:
         pytest.skip(f"this CPU does not support {isa}")
     import json
 
     bf16 = json.loads((model_dir / "crosscheck_openai.json").read_text())["bfloat16-native"]
-    model = gpt_oss_cpu.Model.load(str(model_dir), isa=isa, precision="fast")
-    assert model.precision == "fast"
+    model = gpt_oss_cpu.Model.load(str(model_dir), isa=isa, precision="fast", dense=dense)
+    assert (model.precision, model.dense) == ("fast", dense)
     got = model.forward(ref["input_ids"])
     want = ref["logits"]
     diff = max_abs_diff(got, want)
     agree = int((got.argmax(-1) == want.argmax(-1)).sum())
-    report(model_name, f"fast isa={isa} logits", diff, bf16["max_abs"])
+    report(model_name, f"fast dense={dense} isa={isa} logits", diff, bf16["max_abs"])
     assert diff <= bf16["max_abs"], f"max |diff| {diff:.3f} > bf16 reference {bf16['max_abs']:.3f}"
     assert agree >= bf16["argmax_agree"], f"argmax agrees at {agree}, bf16 reference at {bf16}"
     exact = gpt_oss_cpu.Model.load(str(model_dir), isa=isa).forward(ref["input_ids"])

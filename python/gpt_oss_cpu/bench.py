@@ -75,12 +75,15 @@ def _get(config: Config | Mapping[str, Any], key: str) -> Any:
     return getattr(config, key)
 
 
-def decode_bytes_breakdown(config: Config | Mapping[str, Any], depth: int) -> dict[str, int]:
+def decode_bytes_breakdown(
+    config: Config | Mapping[str, Any], depth: int, dense: str = "bf16"
+) -> dict[str, int]:
     """Bytes one decoded token reads, by component (see :func:`decode_bytes_per_token`).
 
     Keys: ``attention`` (q/k/v/o weights and biases, sinks), ``router``, ``experts`` (the top-k
     experts' MXFP4 blocks, scales and bf16 biases), ``norms``, ``unembedding``, ``embedding``
-    (one row) and ``kv_cache``.
+    (one row) and ``kv_cache``. With ``dense="q8"`` the attention and unembedding matrices count
+    36 bytes per 32 weights (8-bit codes and an f32 scale) instead of 64.
 
     Example:
         >>> parts = decode_bytes_breakdown(synthetic.CONFIGS["20b"], depth=0)
@@ -89,6 +92,8 @@ def decode_bytes_breakdown(config: Config | Mapping[str, Any], depth: int) -> di
     """
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
+    if dense not in ("bf16", "q8"):
+        raise ValueError(f"dense must be 'bf16' or 'q8', got {dense!r}")
     hidden = int(_get(config, "hidden_size"))
     inter = int(_get(config, "intermediate_size"))
     head_dim = int(_get(config, "head_dim"))
@@ -104,12 +109,12 @@ def decode_bytes_breakdown(config: Config | Mapping[str, Any], depth: int) -> di
         raise ValueError(f"layer_types lists {len(layer_types)} layers, expected {layers}")
 
     q_width, kv_width = heads * head_dim, kv_heads * head_dim
-    attention_params = (
-        q_width * hidden + q_width  # q_proj weight + bias
-        + 2 * (kv_width * hidden + kv_width)  # k_proj, v_proj
-        + hidden * q_width + hidden  # o_proj
-        + heads  # sinks
-    )  # fmt: skip
+    attention_weights = 2 * q_width * hidden + 2 * kv_width * hidden  # q, k, v, o
+    attention_vectors = q_width + 2 * kv_width + hidden + heads  # biases, sinks
+
+    def dense_bytes(weights: int) -> int:
+        return weights * _BF16 if dense == "bf16" else weights // 32 * (32 + 4)
+
     router_params = experts * hidden + experts
 
     def mxfp4_bytes(out: int, fan_in: int) -> int:
@@ -127,17 +132,19 @@ def decode_bytes_breakdown(config: Config | Mapping[str, Any], depth: int) -> di
         for kind in layer_types
     )
     return {
-        "attention": layers * attention_params * _BF16,
+        "attention": layers * (dense_bytes(attention_weights) + attention_vectors * _BF16),
         "router": layers * router_params * _BF16,
         "experts": layers * top_k * expert_bytes,
         "norms": (2 * layers + 1) * hidden * _BF16,
-        "unembedding": vocab * hidden * _BF16,
+        "unembedding": dense_bytes(vocab * hidden),
         "embedding": hidden * _BF16,
         "kv_cache": kv_bytes,
     }
 
 
-def decode_bytes_per_token(config: Config | Mapping[str, Any], depth: int) -> int:
+def decode_bytes_per_token(
+    config: Config | Mapping[str, Any], depth: int, dense: str = "bf16"
+) -> int:
     """Bytes of weights and KV cache that decoding one token reads, computed from the config.
 
     Batch-1 decoding is memory-bound: every active parameter is streamed from memory once per
@@ -151,12 +158,13 @@ def decode_bytes_per_token(config: Config | Mapping[str, Any], depth: int) -> in
     Args:
         config: a :class:`gpt_oss_cpu.Config` or a ``config.json`` dict (Hugging Face keys).
         depth: tokens already in the cache when the token is decoded.
+        dense: the format of the attention and unembedding matrices (``"bf16"`` or ``"q8"``).
 
     Example:
         >>> decode_bytes_per_token(synthetic.CONFIGS["20b"], depth=0)    # ~3.71 GB
         3708187392
     """
-    return sum(decode_bytes_breakdown(config, depth).values())
+    return sum(decode_bytes_breakdown(config, depth, dense).values())
 
 
 # ------------------------------------------------------------------------------- checkpoint
@@ -220,8 +228,8 @@ class BenchResult:
         peak_rss_bytes: peak resident memory of the process (mapped weights included), measured
             before the bandwidth test's 1 GiB buffer.
         checkpoint_bytes: size of the ``*.safetensors`` files.
-        isa, precision, threads: kernel instruction set, activation precision and compute
-            threads of the loaded model.
+        isa, precision, dense, threads: kernel instruction set, activation precision, dense
+            weight format and compute threads of the loaded model.
         model: the checkpoint directory.
         version: gpt-oss-cpu version of the extension.
         repetitions: how many times prefill and decode were measured.
@@ -244,6 +252,7 @@ class BenchResult:
     isa: str
     threads: int
     precision: str
+    dense: str
     model: str
     version: str = "unknown"
     repetitions: int = 1
@@ -268,6 +277,7 @@ def run_benchmark(
     threads: int | None = None,
     isa: Literal["scalar", "avx2", "avx512"] | None = None,
     precision: Literal["exact", "fast"] = "exact",
+    dense: Literal["bf16", "q8"] = "bf16",
     repetitions: int = 1,
     seed: int = 0,
     bandwidth_bytes: int = BANDWIDTH_BYTES,
@@ -280,7 +290,7 @@ def run_benchmark(
         pp: prompt tokens appended at once for the prefill measurement.
         tg: tokens decoded one at a time.
         depth: tokens in the cache before decoding starts (filled untimed).
-        threads, isa, precision: passed to ``Model.load``.
+        threads, isa, precision, dense: passed to ``Model.load``.
         repetitions: prefill and decode are measured this many times; medians are reported.
         seed: seed of the random token ids.
         bandwidth_bytes: buffer size of the bandwidth measurement.
@@ -306,7 +316,7 @@ def run_benchmark(
 
     say("loading")
     t0 = time.perf_counter()
-    model = Model.load(model_dir, threads=threads, isa=isa, precision=precision)
+    model = Model.load(model_dir, threads=threads, isa=isa, precision=precision, dense=dense)
     load_s = time.perf_counter() - t0
     config = model.config
     vocab = int(config.vocab_size)
@@ -356,7 +366,7 @@ def run_benchmark(
 
     # Decoding runs at positions depth .. depth + tg - 1: average the KV bytes over them (the
     # weights are the same for every token).
-    positions = [decode_bytes_breakdown(config, depth + i) for i in range(tg)]
+    positions = [decode_bytes_breakdown(config, depth + i, model.dense) for i in range(tg)]
     breakdown = dict(positions[0])
     breakdown["kv_cache"] = round(statistics.fmean(p["kv_cache"] for p in positions))
     bytes_per_token = sum(breakdown.values())
@@ -378,6 +388,7 @@ def run_benchmark(
         checkpoint_bytes=_checkpoint_file_bytes(model.path),
         isa=model.isa,
         precision=model.precision,
+        dense=model.dense,
         threads=model.threads,
         model=str(model.path),
         version=str(_core.build_info().get("version", "unknown")),
@@ -406,7 +417,11 @@ def format_table(result: BenchResult) -> str:
     threads = f"{r.threads} thread" + ("s" if r.threads != 1 else "")
     rows = [
         ("model", r.model),
-        ("build", f"gpt-oss-cpu {r.version}, isa {r.isa}, {r.precision} precision, {threads}"),
+        (
+            "build",
+            f"gpt-oss-cpu {r.version}, isa {r.isa}, {r.precision} precision, "
+            f"{r.dense} dense, {threads}",
+        ),
         ("load", f"{r.load_s:.3f} s"),
         ("first call", f"{r.first_call_s:.3f} s ({WARMUP_TOKENS} tokens)"),
         (f"prefill pp{r.pp}", f"{r.pp_tok_s:.2f} tok/s{runs(r.pp_tok_s_runs)}"),

@@ -112,7 +112,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     model = gpt_oss_cpu.Model.load(
-        str(model_dir), threads=args.threads, isa=args.isa, precision=args.precision
+        str(model_dir),
+        threads=args.threads,
+        isa=args.isa,
+        precision=args.precision,
+        dense=args.dense,
     )
     tokenizer = model.tokenizer
     load_seconds = time.perf_counter() - t_start
@@ -264,6 +268,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         isa=args.isa,
         precision=args.precision,
+        dense=args.dense,
         repetitions=args.repetitions,
         log=log,
     )
@@ -330,7 +335,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     if not model_dir.is_dir():
         raise CliError(f"model directory not found: {model_dir}")
     model = gpt_oss_cpu.Model.load(
-        str(model_dir), threads=args.threads, isa=args.isa, precision=args.precision
+        str(model_dir),
+        threads=args.threads,
+        isa=args.isa,
+        precision=args.precision,
+        dense=args.dense,
     )
     tokenizer = model.tokenizer
     out: TextIO = sys.stdout
@@ -493,7 +502,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     model = gpt_oss_cpu.Model.load(
-        str(model_dir), threads=args.threads, isa=args.isa, precision=args.precision
+        str(model_dir),
+        threads=args.threads,
+        isa=args.isa,
+        precision=args.precision,
+        dense=args.dense,
     )
     name = args.model_name or model_dir.resolve().name
     app = create_app(
@@ -553,6 +566,13 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         default="exact",
         help="exact: fp32 activations throughout (default); fast: activations rounded to 8 bits "
         "(experts) and bf16 (attention, unembedding), faster and approximate",
+    )
+    p.add_argument(
+        "--dense",
+        choices=("bf16", "q8"),
+        default="bf16",
+        help="attention and unembedding weights: bf16 as in the checkpoint (default), or "
+        "requantized to 8 bits at load (needs --precision fast)",
     )
 
 

@@ -26,6 +26,27 @@ pub struct TensorBytes {
 }
 
 impl TensorBytes {
+    /// Drops this tensor's pages from the process (they stay in the page cache and come back
+    /// from the file if read again): for tensors replaced by a copy in another format, so the
+    /// original no longer counts in resident memory. Only whole pages inside the tensor.
+    pub fn release(&self) {
+        const PAGE: usize = 4096;
+        let start = self.range.start.div_ceil(PAGE) * PAGE;
+        let end = self.range.end / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the mapping is read-only, so MADV_DONTNEED loses nothing: a later read
+            // faults the same bytes back in from the file. Rust references into these pages
+            // stay valid for the same reason. Only advice: a failure changes nothing.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
     /// A sub-range, relative to this tensor's first byte.
     pub fn slice(&self, range: Range<usize>) -> TensorBytes {
         assert!(range.end <= self.range.len(), "slice out of tensor bounds");
@@ -56,6 +77,8 @@ pub struct TensorEntry {
 /// with the dtype and shape they expect; [`finish`](Checkpoint::finish) rejects leftovers.
 pub struct Checkpoint {
     pub dir: PathBuf,
+    /// The safetensors files, sorted.
+    pub files: Vec<PathBuf>,
     tensors: BTreeMap<String, TensorEntry>,
     pub total_bytes: u64,
 }
@@ -129,6 +152,7 @@ impl Checkpoint {
         }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
+            files,
             tensors,
             total_bytes,
         })

@@ -19,15 +19,15 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// An empty f32 buffer with room for `len` values, or an error naming `what` when it cannot be
+/// An empty buffer with room for `len` values, or an error naming `what` when it cannot be
 /// allocated (an out-of-memory abort cannot be caught, so large buffers sized by user input come
 /// from here).
-pub fn try_with_capacity(len: usize, what: &str) -> Result<Vec<f32>> {
+pub fn try_with_capacity<T>(len: usize, what: &str) -> Result<Vec<T>> {
     let mut buffer = Vec::new();
     buffer.try_reserve_exact(len).map_err(|_| {
         Error::Input(format!(
             "{what}: cannot allocate {:.1} GB",
-            len as f64 * std::mem::size_of::<f32>() as f64 / 1e9
+            len as f64 * std::mem::size_of::<T>() as f64 / 1e9
         ))
     })?;
     Ok(buffer)

@@ -6,6 +6,7 @@
 pub mod bandwidth;
 pub mod checkpoint;
 pub mod config;
+pub mod dense_q8;
 pub mod error;
 pub mod kernels;
 pub mod kv_cache;

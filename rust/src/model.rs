@@ -11,7 +11,7 @@ use crate::error::{try_with_capacity, Error, Result};
 use crate::kernels::attention::{self, KeyValues, Query};
 use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, Precision, WeightMatrix};
 use crate::kv_cache::{KvCache, LayerCache};
-use crate::weights::{LayerWeights, Linear, Mxfp4Experts, Weights};
+use crate::weights::{DenseFormat, LayerWeights, Linear, Mxfp4Experts, Weights};
 
 /// Tokens per forward chunk: bounds activation memory for long prompts.
 const PREFILL_CHUNK: usize = 512;
@@ -29,8 +29,10 @@ pub struct Model {
     pub checkpoint_bytes: u64,
     /// Instruction set of the matrix kernels.
     pub isa: Isa,
-    /// Whether the expert products quantize their activations to 8 bits.
+    /// Whether the products round their activations.
     pub precision: Precision,
+    /// The format the attention and unembedding matrices are read in.
+    pub dense: DenseFormat,
     /// Identifies the weights, so a saved session is only resumed with the model that made it.
     pub fingerprint: u64,
     weights: Weights,
@@ -65,7 +67,15 @@ impl Model {
         threads: Option<usize>,
         isa: Option<Isa>,
         precision: Precision,
+        dense: DenseFormat,
     ) -> Result<Model> {
+        if dense == DenseFormat::Q8 && precision == Precision::Exact {
+            return Err(Error::Input(
+                "dense=\"q8\" rounds the weights and quantizes the activations: it needs \
+                 precision=\"fast\""
+                    .into(),
+            ));
+        }
         let isa = match isa {
             Some(isa) if !isa.is_supported() => {
                 return Err(Error::Input(format!(
@@ -84,8 +94,9 @@ impl Model {
         }
         let config = Config::from_file(&dir.join("config.json"))?;
         let mut checkpoint = Checkpoint::open(dir)?;
-        let weights = Weights::load(&mut checkpoint, &config)?;
+        let mut weights = Weights::load(&mut checkpoint, &config)?;
         let checkpoint_bytes = checkpoint.total_bytes;
+        let files = checkpoint.files.clone();
         checkpoint.finish()?;
         let threads = match threads {
             Some(n) if n == 0 || n > MAX_THREADS => {
@@ -101,7 +112,11 @@ impl Model {
             .thread_name(|i| format!("gpt-oss-cpu-{i}"))
             .build()
             .map_err(|e| Error::Input(format!("cannot start {threads} threads: {e}")))?;
+        // Before requantizing, which releases the bf16 pages the fingerprint samples.
         let fingerprint = weights.fingerprint(&config);
+        if dense == DenseFormat::Q8 {
+            pool.install(|| weights.requantize_dense(&config, &files, isa))?;
+        }
         Ok(Model {
             fingerprint,
             rope: Rope::new(&config),
@@ -110,6 +125,7 @@ impl Model {
             checkpoint_bytes,
             isa,
             precision,
+            dense,
             weights,
             pool,
         })
@@ -258,7 +274,7 @@ impl Model {
         let unembedding = &self.weights.unembedding;
         let mut logits = vec![0f32; h.len() / d * c.vocab_size];
         let job = Matmul {
-            weights: WeightMatrix::Bf16(unembedding.data()),
+            weights: self.weights.unembedding_matrix(),
             rows: unembedding.rows,
             cols: d,
             x: &h,
@@ -440,7 +456,7 @@ fn linear(isa: Isa, precision: Precision, x: &[f32], layer: &Linear) -> Vec<f32>
 fn linear_job<'a>(x: &'a [f32], layer: &'a Linear, y: &'a mut [f32]) -> Matmul<'a> {
     let w = &layer.weight;
     Matmul {
-        weights: WeightMatrix::Bf16(w.data()),
+        weights: layer.matrix(),
         rows: w.rows,
         cols: w.cols,
         x,

@@ -16,6 +16,7 @@ use crate::kernels::{self, Isa, Matmul, Precision, WeightMatrix};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::session::Session;
+use crate::weights::DenseFormat;
 
 /// Exception classes, created at import so that some can also derive from `ValueError`.
 struct Exceptions {
@@ -291,18 +292,21 @@ struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (path, threads=None, isa=None, precision="exact"))]
+    #[pyo3(signature = (path, threads=None, isa=None, precision="exact", dense="bf16"))]
     fn load(
         py: Python<'_>,
         path: PathBuf,
         threads: Option<usize>,
         isa: Option<&str>,
         precision: &str,
+        dense: &str,
     ) -> PyResult<PyEngine> {
         let isa = isa.map(|name| parse_isa(py, Some(name))).transpose()?;
         let precision = parse_precision(py, precision)?;
+        let dense =
+            DenseFormat::from_name(dense).map_err(|e| input_error(py, format!("dense: {e}")))?;
         let model = py
-            .detach(|| Model::load(&path, threads, isa, precision))
+            .detach(|| Model::load(&path, threads, isa, precision, dense))
             .map_err(|e| to_py_err(py, e))?;
         Ok(PyEngine {
             model: Arc::new(model),
@@ -342,6 +346,11 @@ impl PyEngine {
     #[getter]
     fn precision(&self) -> &'static str {
         self.model.precision.name()
+    }
+
+    #[getter]
+    fn dense(&self) -> &'static str {
+        self.model.dense.name()
     }
 
     #[getter]

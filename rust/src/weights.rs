@@ -4,11 +4,44 @@
 //! as packed nibbles and E8M0 scales (SPEC §3). Only the small vectors (norm scales, biases, sinks) are
 //! converted to f32 once, at load.
 
+use std::path::PathBuf;
+
 use safetensors::Dtype;
 
 use crate::checkpoint::{Checkpoint, TensorBytes};
 use crate::config::{Config, Layout, MXFP4_BLOCK};
+use crate::dense_q8::{self, Q8Matrix};
 use crate::error::Result;
+use crate::kernels::{Isa, WeightMatrix};
+
+/// The format the dense matrices (attention and unembedding) are read in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenseFormat {
+    /// The checkpoint's own bf16, in place.
+    Bf16,
+    /// Requantized at load to 8 bits per value and an f32 scale per 32 (36 bytes per 32 weights
+    /// instead of 64), as ggml's published gpt-oss GGUF stores them.
+    Q8,
+}
+
+impl DenseFormat {
+    pub const ALL: [DenseFormat; 2] = [DenseFormat::Bf16, DenseFormat::Q8];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DenseFormat::Bf16 => "bf16",
+            DenseFormat::Q8 => "q8",
+        }
+    }
+
+    /// The format called `name` (`"bf16"` or `"q8"`).
+    pub fn from_name(name: &str) -> std::result::Result<DenseFormat, String> {
+        DenseFormat::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| format!("expected one of bf16, q8, found {name:?}"))
+    }
+}
 
 /// A row-major `[rows, cols]` bf16 matrix in the `nn.Linear` orientation `[out, in]`.
 pub struct Bf16Matrix {
@@ -32,6 +65,25 @@ impl Bf16Matrix {
 pub struct Linear {
     pub weight: Bf16Matrix,
     pub bias: Vec<f32>,
+    /// `weight` in 8 bits, when the dense format is [`DenseFormat::Q8`].
+    pub q8: Option<Q8Matrix>,
+}
+
+impl Linear {
+    /// The weights in the format the kernels read.
+    pub fn matrix(&self) -> WeightMatrix<'_> {
+        dense_matrix(&self.weight, self.q8.as_ref())
+    }
+}
+
+fn dense_matrix<'a>(bf16: &'a Bf16Matrix, q8: Option<&'a Q8Matrix>) -> WeightMatrix<'a> {
+    match q8 {
+        Some(q) => WeightMatrix::Q8 {
+            codes: q.codes(),
+            scales: q.scales(),
+        },
+        None => WeightMatrix::Bf16(bf16.data()),
+    }
 }
 
 /// One projection of every expert of a layer, MXFP4-packed: logical shape `[experts, rows, cols]`.
@@ -82,6 +134,7 @@ pub struct Weights {
     pub layers: Vec<LayerWeights>,
     pub final_norm: Vec<f32>,
     pub unembedding: Bf16Matrix,
+    unembedding_q8: Option<Q8Matrix>,
 }
 
 /// Tensor names of one layout (SPEC §2.2 and §2.3).
@@ -137,7 +190,37 @@ impl Weights {
             layers,
             final_norm,
             unembedding,
+            unembedding_q8: None,
         })
+    }
+
+    /// The unembedding in the format the kernels read.
+    pub fn unembedding_matrix(&self) -> WeightMatrix<'_> {
+        dense_matrix(&self.unembedding, self.unembedding_q8.as_ref())
+    }
+
+    /// Switches the attention projections and the unembedding to 8 bits ([`DenseFormat::Q8`],
+    /// from the cache file of this checkpoint, see [`dense_q8`]) and releases their bf16 pages.
+    /// The router stays bf16 (rounding could flip its top-k) and so does the embedding (one row
+    /// is read per token).
+    pub fn requantize_dense(&mut self, config: &Config, files: &[PathBuf], isa: Isa) -> Result<()> {
+        let key = dense_q8::cache_key(self.fingerprint(config), files);
+        let mut sources: Vec<&Bf16Matrix> = Vec::new();
+        for layer in &self.layers {
+            sources.extend([&layer.q, &layer.k, &layer.v, &layer.o].map(|l| &l.weight));
+        }
+        sources.push(&self.unembedding);
+        let mut matrices = dense_q8::load_or_build(&sources, key, isa)?.into_iter();
+        for source in &sources {
+            source.bytes.release();
+        }
+        for layer in &mut self.layers {
+            for linear in [&mut layer.q, &mut layer.k, &mut layer.v, &mut layer.o] {
+                linear.q8 = matrices.next();
+            }
+        }
+        self.unembedding_q8 = matrices.next();
+        Ok(())
     }
 }
 
@@ -236,6 +319,7 @@ fn linear(ck: &mut Checkpoint, prefix: &str, rows: usize, cols: usize) -> Result
     Ok(Linear {
         weight: matrix(ck, &format!("{prefix}.weight"), rows, cols)?,
         bias: vector(ck, &format!("{prefix}.bias"), rows)?,
+        q8: None,
     })
 }
 
@@ -258,6 +342,7 @@ fn split_qkv(
             cols,
         },
         bias: bias[start..start + rows].to_vec(),
+        q8: None,
     };
     Ok((
         part(0, q_dim),

@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::q8::{Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12, GROUP_TOKENS};
+use super::q8::{Q8Pair, Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12, GROUP_TOKENS};
 use super::{for_each_tile, MXFP4_BLOCK_BYTES};
 use crate::kernels::scalar::{bf16_to_f32, e8m0_to_f32, FP4_VALUES};
 
@@ -608,6 +608,140 @@ unsafe fn columns_tile<const R: usize>(
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
             let row = (r0 + r) * tokens + first;
             out[row..row + valid].copy_from_slice(&lanes[..valid]);
+        }
+    }
+}
+
+/// 8-bit weight rows (`dense="q8"`: codes stored `+ 128`, one f32 scale per 32) × 8-bit
+/// activations ([`Q8Pair`]s): per 64 weights and row, one load and one `vpdpbusd` starting from
+/// the pair's offset correction, then each lane's exact integer sum is scaled by its block's
+/// activation and weight scales.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI; `codes` is `[rows, cols]`, `scales`
+/// `[rows, cols / 32]`, `pairs` as [`super::q8::to_pairs`] gives for `[tokens, cols]`, `out`
+/// `[rows, tokens]`, and `cols` a multiple of 32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn matmul_q8_q8(
+    pairs: &[Q8Pair],
+    tokens: usize,
+    codes: &[u8],
+    scales: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) {
+    // 4 rows x 2 tokens, as the 8-bit MXFP4 kernel.
+    for_each_tile!(out, tokens, 4, 2, |r0, t0, R, T| {
+        // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
+        unsafe { tile_q8_q8::<R, T>(pairs, codes, scales, cols, r0, t0, tokens, out) }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile_q8_q8<const R: usize, const T: usize>(
+    pairs: &[Q8Pair],
+    codes: &[u8],
+    scales: &[f32],
+    cols: usize,
+    r0: usize,
+    t0: usize,
+    tokens: usize,
+    out: &mut [f32],
+) {
+    let blocks = cols / 32;
+    let pairs_per_row = blocks.div_ceil(2);
+    // Lanes 0-7 read the first block's scale, 8-15 the second's.
+    let lane_block = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    for p in 0..pairs_per_row {
+        let both = blocks - 2 * p >= 2;
+        let mut weights = [_mm512_setzero_si512(); R];
+        let mut weight_scale = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            let at = (r0 + r) * cols + 64 * p;
+            let s = (r0 + r) * blocks + 2 * p;
+            // SAFETY: the pair's one or two blocks of row r0 + r (32 codes and a scale each)
+            // lie inside `codes` and `scales`; a lone last block is read with 32-byte and
+            // 4-byte loads.
+            unsafe {
+                if both {
+                    weights[r] = _mm512_loadu_si512(codes.as_ptr().add(at) as *const _);
+                    let two = _mm_castpd_ps(_mm_load_sd(scales.as_ptr().add(s) as *const f64));
+                    weight_scale[r] =
+                        _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(two));
+                } else {
+                    weights[r] = _mm512_zextsi256_si512(_mm256_loadu_si256(
+                        codes.as_ptr().add(at) as *const _
+                    ));
+                    weight_scale[r] = _mm512_zextps128_ps512(_mm_set_ss(scales[s]));
+                    weight_scale[r] = _mm512_permutexvar_ps(lane_block, weight_scale[r]);
+                }
+            }
+        }
+        for t in 0..T {
+            let pair = &pairs[(t0 + t) * pairs_per_row + p];
+            // SAFETY: `Q8Pair` is 64-byte aligned and its fields are 64 bytes each.
+            let (x, correction, x_scale) = unsafe {
+                (
+                    _mm512_load_si512(pair.codes.as_ptr() as *const _),
+                    _mm512_load_si512(pair.correction.as_ptr() as *const _),
+                    _mm512_load_ps(pair.scale.as_ptr()),
+                )
+            };
+            for r in 0..R {
+                let dot = _mm512_dpbusd_epi32(correction, weights[r], x);
+                let partial = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), x_scale);
+                acc[r][t] = _mm512_fmadd_ps(partial, weight_scale[r], acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+}
+
+/// [`super::q8::quantize_bf16_weights`] 32 weights at a time, with the same rounding (to nearest
+/// even, on `x · 127 / max`, clamped to ±127).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VL; `bits` and `codes` have the same length, a multiple
+/// of 32, and `scales` one value per 32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn quantize_bf16_weights(bits: &[u16], codes: &mut [u8], scales: &mut [f32]) {
+    let magnitude = _mm512_set1_epi32(0x7FFF_FFFF);
+    let (low, high) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let offset = _mm256_set1_epi8(-128);
+    for ((w, out), scale) in bits
+        .chunks_exact(32)
+        .zip(codes.chunks_exact_mut(32))
+        .zip(scales.iter_mut())
+    {
+        // SAFETY: `w` is 32 bf16 (64 bytes), `out` 32 bytes.
+        unsafe {
+            let widen = |half: *const u16| {
+                let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(half as *const __m256i));
+                _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16))
+            };
+            let (a, b) = (widen(w.as_ptr()), widen(w.as_ptr().add(16)));
+            let abs = |v: __m512| {
+                _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), magnitude))
+            };
+            let max = _mm512_reduce_max_ps(_mm512_max_ps(abs(a), abs(b)));
+            let inverse = _mm512_set1_ps(if max > 0.0 { 127.0 / max } else { 0.0 });
+            // vcvtps2dq rounds to nearest even, as the scalar quantizer.
+            let code = |v: __m512| {
+                let clamped = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inverse), low), high);
+                _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(clamped))
+            };
+            let both = _mm256_set_m128i(code(b), code(a));
+            _mm256_storeu_si256(
+                out.as_mut_ptr() as *mut __m256i,
+                _mm256_xor_si256(both, offset),
+            );
+            *scale = max / 127.0;
         }
     }
 }

@@ -170,6 +170,7 @@ impl WeightMatrix<'_> {
         match self {
             WeightMatrix::Bf16(_) => cols * 2,
             WeightMatrix::Mxfp4 { .. } => cols / 2 + cols / MXFP4_BLOCK_VALUES,
+            WeightMatrix::Q8 { .. } => cols + cols / MXFP4_BLOCK_VALUES * 4,
         }
     }
 
@@ -186,6 +187,9 @@ pub enum WeightMatrix<'a> {
     Bf16(&'a [u16]),
     /// MXFP4: packed `blocks` (`cols / 2` bytes a row) and E8M0 `scales` (`cols / 32` bytes a row).
     Mxfp4 { blocks: &'a [u8], scales: &'a [u8] },
+    /// 8-bit blocks (`dense="q8"`): `codes` stored `+ 128` (`cols` bytes a row) and f32 `scales`
+    /// (`cols / 32` a row). The activations are quantized to 8 bits at every precision.
+    Q8 { codes: &'a [u8], scales: &'a [f32] },
 }
 
 /// One product of a batch: `y[t, r] = Σ_c x[t, c] · W[r, c] + bias[r]`, with `x` `[tokens, cols]`
@@ -293,6 +297,8 @@ enum Activations<'a> {
     Q8Spans(Vec<q8::Q8Span>),
     /// 8-bit, tokens in vector lanes (the AVX-512 prefill kernel).
     Q8Columns(q8::TokenColumns),
+    /// 8-bit, `[tokens, pairs of blocks]` (the SIMD kernels for 8-bit weights).
+    Q8Pairs(Vec<q8::Q8Pair>),
     /// `[tokens, parts, cols]` bf16 bits (`vdpbf16ps`): one part rounded (fast), or three that
     /// sum to the f32 exactly (exact).
     Bf16Parts {
@@ -310,6 +316,10 @@ fn prepare_activations<'a>(
     cols: usize,
 ) -> Activations<'a> {
     match (isa, weights, precision) {
+        (_, WeightMatrix::Q8 { .. }, _) if q8_kernels(isa) == Isa::Avx512 => {
+            Activations::Q8Pairs(q8::to_pairs(&q8::quantize(x), cols))
+        }
+        (_, WeightMatrix::Q8 { .. }, _) => Activations::Q8(q8::quantize(x)),
         (Isa::Avx512, WeightMatrix::Mxfp4 { .. }, Precision::Fast)
             if q8_kernels(isa) == Isa::Avx512 && x.len() >= COLUMN_KERNEL_TOKENS * cols =>
         {
@@ -443,6 +453,32 @@ fn run_kernel(
             }
         },
         (WeightMatrix::Bf16(_), _) => unreachable!("no bf16 kernel for these activations"),
+        (WeightMatrix::Q8 { codes, scales }, x) => {
+            let codes = &codes[first * cols..(first + n) * cols];
+            let scales = &scales[first * cols / 32..(first + n) * cols / 32];
+            match x {
+                Activations::Q8(q) => {
+                    scalar::matmul_q8_q8(&q.codes, &q.scales, tokens, codes, scales, cols, out)
+                }
+                // SAFETY: `prepare_activations` gave pairs only where `q8_kernels` is AVX-512.
+                #[cfg(target_arch = "x86_64")]
+                Activations::Q8Pairs(pairs) => unsafe {
+                    avx512::matmul_q8_q8(pairs, tokens, codes, scales, cols, out)
+                },
+                _ => unreachable!("8-bit weights take 8-bit activations"),
+            }
+        }
+    }
+}
+
+/// [`q8::quantize_bf16_weights`] with the kernels of `isa`.
+pub fn quantize_bf16_weights(isa: Isa, bits: &[u16], codes: &mut [u8], scales: &mut [f32]) {
+    assert!(bits.len() == codes.len() && codes.len() == scales.len() * MXFP4_BLOCK_VALUES);
+    match isa {
+        // SAFETY: checked lengths; every `Isa` a model holds was checked with `is_supported`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::quantize_bf16_weights(bits, codes, scales) },
+        _ => q8::quantize_bf16_weights(bits, codes, scales),
     }
 }
 
@@ -854,6 +890,101 @@ mod tests {
             }
             // The fast path really rounded.
             assert!(worst > 0.0, "{rows}x{cols}x{tokens}");
+        }
+    }
+
+    #[test]
+    fn simd_q8_weights_match_scalar_on_ragged_shapes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        for &(rows, cols, tokens) in &[
+            (1, 32, 1),
+            (5, 96, 3),
+            (9, 2880, 1),
+            (70, 2880, 5),
+            (6, 4096, 2),
+        ] {
+            let x = random_f32(&mut rng, tokens * cols);
+            let bits: Vec<u16> = random_f32(&mut rng, rows * cols)
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            let (mut codes, mut scales) = (vec![0u8; rows * cols], vec![0f32; rows * cols / 32]);
+            q8::quantize_bf16_weights(&bits, &mut codes, &mut scales);
+            let product = |isa: Isa, y: &mut [f32]| {
+                let weights = WeightMatrix::Q8 {
+                    codes: &codes,
+                    scales: &scales,
+                };
+                let job = Matmul {
+                    weights,
+                    rows,
+                    cols,
+                    x: &x,
+                    bias: None,
+                    y,
+                };
+                matmul(isa, Precision::Fast, job);
+            };
+            let mut want = vec![0f32; tokens * rows];
+            product(Isa::Scalar, &mut want);
+            // The 8-bit product is within a few % of the exact one (a wrong kernel is not).
+            let mut exact = vec![0f32; tokens * rows];
+            matmul_bf16(
+                Isa::Scalar,
+                Precision::Exact,
+                &x,
+                &bits,
+                rows,
+                cols,
+                None,
+                &mut exact,
+            );
+            let ones = vec![1f32; tokens * cols];
+            let abs_w: Vec<u16> = bits.iter().map(|b| b & 0x7FFF).collect();
+            let mut magnitude = vec![0f32; tokens * rows];
+            matmul_bf16(
+                Isa::Scalar,
+                Precision::Exact,
+                &ones,
+                &abs_w,
+                rows,
+                cols,
+                None,
+                &mut magnitude,
+            );
+            for ((w, e), m) in want.iter().zip(&exact).zip(&magnitude) {
+                assert!((w - e).abs() <= 0.02 * m, "{w} vs exact {e} (|w|·1 = {m})");
+            }
+            for isa in simd_isas() {
+                let mut got = vec![0f32; tokens * rows];
+                product(isa, &mut got);
+                assert_close(
+                    isa,
+                    &got,
+                    &want,
+                    &magnitude,
+                    &format!("q8 {rows}x{cols}x{tokens}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn simd_weight_quantization_matches_scalar() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut bits: Vec<u16> = random_f32(&mut rng, 64 * 96)
+            .iter()
+            .map(|v| half::bf16::from_f32(*v * 3.0).to_bits())
+            .collect();
+        bits[32..64].fill(0); // an all-zero block
+        let (mut want_codes, mut want_scales) =
+            (vec![0u8; bits.len()], vec![0f32; bits.len() / 32]);
+        q8::quantize_bf16_weights(&bits, &mut want_codes, &mut want_scales);
+        for isa in simd_isas() {
+            let (mut codes, mut scales) = (vec![0u8; bits.len()], vec![0f32; bits.len() / 32]);
+            quantize_bf16_weights(isa, &bits, &mut codes, &mut scales);
+            assert_eq!(codes, want_codes, "{isa:?}");
+            assert_eq!(scales, want_scales, "{isa:?}");
         }
     }
 

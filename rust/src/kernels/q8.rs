@@ -38,18 +38,24 @@ fn round_ties_even(x: f32) -> f32 {
 /// multiple of 32.
 pub fn quantize(x: &[f32]) -> Q8Activations {
     let mut codes = vec![0i8; x.len()];
-    let mut scales = Vec::with_capacity(x.len() / BLOCK);
-    for (block, out) in x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK)) {
-        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = max / 127.0;
-        let inverse = if max > 0.0 { 127.0 / max } else { 0.0 };
-        for (q, &v) in out.iter_mut().zip(block) {
-            // |v · inverse| ≤ 127 up to rounding; the clamp keeps a NaN or an overshoot in range.
-            *q = round_ties_even((v * inverse).clamp(-127.0, 127.0)) as i8;
-        }
-        scales.push(scale);
-    }
+    let scales = x
+        .chunks_exact(BLOCK)
+        .zip(codes.chunks_exact_mut(BLOCK))
+        .map(|(block, out)| quantize_block(block, out))
+        .collect();
     Q8Activations { codes, scales }
+}
+
+/// One block into `codes`; returns its scale.
+#[inline]
+fn quantize_block(block: &[f32], codes: &mut [i8]) -> f32 {
+    let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let inverse = if max > 0.0 { 127.0 / max } else { 0.0 };
+    for (q, &v) in codes.iter_mut().zip(block) {
+        // |v · inverse| ≤ 127 up to rounding; the clamp keeps a NaN or an overshoot in range.
+        *q = round_ties_even((v * inverse).clamp(-127.0, 127.0)) as i8;
+    }
+    max / 127.0
 }
 
 /// 128 quantized activations (4 blocks) in the order the SIMD kernels read them against one 64-byte
@@ -159,6 +165,62 @@ pub fn to_token_columns(q: &Q8Activations, cols: usize) -> TokenColumns {
     }
 }
 
+/// 64 quantized activations (2 blocks) as the SIMD kernels read them against 64 bytes of an
+/// 8-bit weight row (`dense="q8"`), whose codes are stored `+ 128` so that `vpdpbusd` multiplies
+/// them, unsigned, into these signed codes. 32-bit lane `i` covers values `4i..4i + 4`.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Q8Pair {
+    pub codes: [i8; 64],
+    /// Lane `i`: `−128 · Σ` of the codes lane `i` covers, cancelling the weights' `+ 128`.
+    pub correction: [i32; 16],
+    /// Lane `i`: the scale of block `i / 8`.
+    pub scale: [f32; 16],
+}
+
+/// `[tokens, ceil(cols / 64)]` pairs; a row's last pair is padded with zero activations.
+pub fn to_pairs(q: &Q8Activations, cols: usize) -> Vec<Q8Pair> {
+    const EMPTY: Q8Pair = Q8Pair {
+        codes: [0; 64],
+        correction: [0; 16],
+        scale: [0.0; 16],
+    };
+    let blocks_per_row = cols / BLOCK;
+    let pairs_per_row = blocks_per_row.div_ceil(2);
+    let tokens = q.scales.len() / blocks_per_row;
+    let mut pairs = vec![EMPTY; tokens * pairs_per_row];
+    for (t, row) in q.codes.chunks_exact(cols).enumerate() {
+        for (i, values) in row.chunks(64).enumerate() {
+            let pair = &mut pairs[t * pairs_per_row + i];
+            pair.codes[..values.len()].copy_from_slice(values);
+            for (lane, four) in values.chunks_exact(4).enumerate() {
+                pair.correction[lane] = -128 * four.iter().map(|&c| c as i32).sum::<i32>();
+                pair.scale[lane] = q.scales[t * blocks_per_row + 2 * i + lane / 8];
+            }
+        }
+    }
+    pairs
+}
+
+/// Requantizes bf16 weights `[rows, cols]` to 8 bits per value, one f32 scale per 32-block (the
+/// same rounding as the activations), codes stored `+ 128`.
+pub fn quantize_bf16_weights(bits: &[u16], codes: &mut [u8], scales: &mut [f32]) {
+    let (mut block, mut signed) = ([0f32; BLOCK], [0i8; BLOCK]);
+    for ((w, out), scale) in bits
+        .chunks_exact(BLOCK)
+        .zip(codes.chunks_exact_mut(BLOCK))
+        .zip(scales.iter_mut())
+    {
+        for (v, &b) in block.iter_mut().zip(w) {
+            *v = f32::from_bits((b as u32) << 16);
+        }
+        *scale = quantize_block(&block, &mut signed);
+        for (o, &c) in out.iter_mut().zip(&signed) {
+            *o = (c as u8) ^ 0x80;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +257,33 @@ mod tests {
             assert_eq!(round_ties_even(x), want, "{x}");
         }
         assert!(q.codes[32..].iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn weights_round_to_the_nearest_step_and_pairs_correct_the_offset() {
+        let w: Vec<f32> = (0..96)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+            .collect();
+        let bits: Vec<u16> = w
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        let (mut codes, mut scales) = (vec![0u8; 96], vec![0f32; 3]);
+        quantize_bf16_weights(&bits, &mut codes, &mut scales);
+        for (i, &b) in bits.iter().enumerate() {
+            let value = f32::from_bits((b as u32) << 16);
+            let back = (codes[i] as i32 - 128) as f32 * scales[i / 32];
+            assert!((value - back).abs() <= scales[i / 32] * 0.5 * 1.0001, "{i}");
+        }
+        let q = quantize(&w);
+        let pairs = to_pairs(&q, 96);
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(pairs[1].codes[..32], q.codes[64..]);
+        assert!(pairs[1].codes[32..].iter().all(|&c| c == 0));
+        assert_eq!(pairs[1].scale[7], q.scales[2]);
+        assert_eq!(pairs[1].scale[8], 0.0);
+        let lane: i32 = q.codes[68..72].iter().map(|&c| c as i32).sum();
+        assert_eq!(pairs[1].correction[1], -128 * lane);
     }
 
     #[test]

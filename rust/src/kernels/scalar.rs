@@ -116,6 +116,40 @@ fn dot_mxfp4_q8(codes: &[i8], act_scales: &[f32], blocks: &[u8], scales: &[u8]) 
     total
 }
 
+/// 8-bit weights (`codes` `[rows, cols]`, stored `+ 128`; `scales` `[rows, cols / 32]`) × 8-bit
+/// activations: per block an exact integer dot product times both scales.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_q8_q8(
+    x_codes: &[i8],
+    x_scales: &[f32],
+    tokens: usize,
+    codes: &[u8],
+    scales: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) {
+    let rows = codes.chunks_exact(cols).zip(scales.chunks_exact(cols / 32));
+    for ((w, ws), out_row) in rows.zip(out.chunks_exact_mut(tokens)) {
+        let activations = x_codes
+            .chunks_exact(cols)
+            .zip(x_scales.chunks_exact(cols / 32));
+        for ((q, qs), o) in activations.zip(out_row) {
+            let mut total = 0f32;
+            for (((w, &w_scale), q), &q_scale) in
+                w.chunks_exact(32).zip(ws).zip(q.chunks_exact(32)).zip(qs)
+            {
+                let dot: i32 = w
+                    .iter()
+                    .zip(q)
+                    .map(|(&w, &q)| (w as i32 - 128) * q as i32)
+                    .sum();
+                total += dot as f32 * q_scale * w_scale;
+            }
+            *o = total;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

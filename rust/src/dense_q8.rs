@@ -1,0 +1,257 @@
+//! The `dense="q8"` weights: the attention and unembedding matrices requantized to 8 bits per value
+//! and an f32 scale per 32 ([`crate::kernels::q8::quantize_bf16_weights`]). The first load writes
+//! them to a cache file, `$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/<key>.bin` (else `~/.cache/...`),
+//! that later loads map in place, as the checkpoint is; where no cache can be written they are
+//! built in memory at every load.
+//!
+//! File: a 64-byte header (magic, format version, key, matrix count, total length), then per
+//! matrix its codes (`[rows, cols]`, stored `+ 128`) and its scales (`[rows, cols / 32]` f32), each
+//! starting on a 4096-byte boundary. The key hashes the checkpoint's fingerprint and the names,
+//! sizes and modification times of its files, so a changed checkpoint gets a new file.
+
+use std::fs::File;
+use std::io::{Seek, Write};
+use std::ops::{Deref, Range};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::{Mmap, MmapMut};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::kernels::{self, Isa, MXFP4_BLOCK_VALUES as BLOCK};
+use crate::weights::Bf16Matrix;
+
+const MAGIC: &[u8; 8] = b"GOCPUQ8\0";
+const VERSION: u32 = 1;
+const HEADER_BYTES: usize = 64;
+const ALIGN: usize = 4096;
+/// Rows quantized per write: bounds the staging buffer.
+const CHUNK_ROWS: usize = 4096;
+
+/// The bytes behind the matrices: the mapped cache file, or anonymous memory.
+enum Store {
+    File(Mmap),
+    Memory(MmapMut),
+}
+
+impl Deref for Store {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Store::File(map) => map,
+            Store::Memory(map) => map,
+        }
+    }
+}
+
+/// One requantized matrix.
+pub struct Q8Matrix {
+    store: Arc<Store>,
+    codes: Range<usize>,
+    scales: Range<usize>,
+}
+
+impl Q8Matrix {
+    /// `[rows, cols]` codes, stored `+ 128`.
+    pub fn codes(&self) -> &[u8] {
+        &self.store[self.codes.clone()]
+    }
+
+    /// `[rows, cols / 32]` scales (4-byte aligned: sections start on 4096-byte boundaries of a
+    /// page-aligned mapping).
+    pub fn scales(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.store[self.scales.clone()])
+    }
+}
+
+/// Where each matrix's sections lie, and the total length.
+struct Layout {
+    sections: Vec<(Range<usize>, Range<usize>)>,
+    len: usize,
+}
+
+impl Layout {
+    fn new(sources: &[&Bf16Matrix]) -> Layout {
+        let mut at = HEADER_BYTES.next_multiple_of(ALIGN);
+        let mut sections = Vec::with_capacity(sources.len());
+        for m in sources {
+            let codes = at..at + m.rows * m.cols;
+            let scales_at = codes.end.next_multiple_of(ALIGN);
+            let scales = scales_at..scales_at + m.rows * m.cols / BLOCK * 4;
+            at = scales.end.next_multiple_of(ALIGN);
+            sections.push((codes, scales));
+        }
+        Layout { sections, len: at }
+    }
+
+    fn header(&self, key: u64) -> [u8; HEADER_BYTES] {
+        let mut header = [0u8; HEADER_BYTES];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        header[16..24].copy_from_slice(&key.to_le_bytes());
+        header[24..32].copy_from_slice(&(self.sections.len() as u64).to_le_bytes());
+        header[32..40].copy_from_slice(&(self.len as u64).to_le_bytes());
+        header
+    }
+
+    fn matrices(&self, store: Store) -> Vec<Q8Matrix> {
+        let store = Arc::new(store);
+        self.sections
+            .iter()
+            .map(|(codes, scales)| Q8Matrix {
+                store: Arc::clone(&store),
+                codes: codes.clone(),
+                scales: scales.clone(),
+            })
+            .collect()
+    }
+}
+
+/// The 8-bit versions of `sources`, from the cache file for `key` (written first if missing or
+/// invalid), or built in memory when no cache file can be written.
+pub fn load_or_build(sources: &[&Bf16Matrix], key: u64, isa: Isa) -> Result<Vec<Q8Matrix>> {
+    let layout = Layout::new(sources);
+    if let Some(path) = cache_path(key) {
+        if let Some(map) = open_valid(&path, key, &layout) {
+            return Ok(layout.matrices(Store::File(map)));
+        }
+        if write_file(&path, sources, key, &layout, isa).is_ok() {
+            if let Some(map) = open_valid(&path, key, &layout) {
+                return Ok(layout.matrices(Store::File(map)));
+            }
+        }
+    }
+    let mut memory = MmapMut::map_anon(layout.len).map_err(|e| {
+        Error::Input(format!(
+            "cannot allocate {} bytes for the 8-bit dense weights: {e}",
+            layout.len
+        ))
+    })?;
+    let _ = memory.advise(memmap2::Advice::HugePage); // only advice
+    for (m, (codes, scales)) in sources.iter().zip(&layout.sections) {
+        let (head, tail) = memory.split_at_mut(scales.start);
+        let scales = bytemuck::cast_slice_mut(&mut tail[..scales.len()]);
+        quantize_rows(m, 0, &mut head[codes.clone()], scales, isa);
+    }
+    Ok(layout.matrices(Store::Memory(memory)))
+}
+
+/// A key for the cache file of a checkpoint: its fingerprint and its files' names, sizes and
+/// modification times.
+pub fn cache_key(fingerprint: u64, files: &[PathBuf]) -> u64 {
+    let mut bytes = fingerprint.to_le_bytes().to_vec();
+    bytes.extend(VERSION.to_le_bytes());
+    for file in files {
+        bytes.extend(file.to_string_lossy().as_bytes());
+        if let Ok(meta) = std::fs::metadata(file) {
+            bytes.extend(meta.len().to_le_bytes());
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            bytes.extend(modified.map_or(0, |d| d.as_nanos()).to_le_bytes());
+        }
+    }
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn cache_path(key: u64) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))?;
+    Some(
+        base.join("gpt-oss-cpu")
+            .join("dense-q8")
+            .join(format!("{key:016x}.bin")),
+    )
+}
+
+/// The cache file mapped, if it exists and has this layout's header and length.
+fn open_valid(path: &Path, key: u64, layout: &Layout) -> Option<Mmap> {
+    let file = File::open(path).ok()?;
+    if file.metadata().ok()?.len() != layout.len as u64 {
+        return None;
+    }
+    // SAFETY: read-only mapping of a file this library writes under a fresh name and renames
+    // into place, so it is complete once visible; as with the checkpoint, it must not be
+    // truncated while mapped.
+    let map = unsafe { Mmap::map(&file) }.ok()?;
+    (map[..HEADER_BYTES] == layout.header(key)).then_some(map)
+}
+
+/// Writes the cache file under a temporary name (plain writes, so a full disk is an error, not a
+/// fault in a mapping), the header last, then renames it into place.
+fn write_file(
+    path: &Path,
+    sources: &[&Bf16Matrix],
+    key: u64,
+    layout: &Layout,
+    isa: Isa,
+) -> std::io::Result<()> {
+    let dir = path.parent().expect("cache paths have a directory");
+    std::fs::create_dir_all(dir)?;
+    let temporary = dir.join(format!(".{key:016x}.{}.tmp", std::process::id()));
+    let result = write_sections(&temporary, sources, key, layout, isa)
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    result
+}
+
+fn write_sections(
+    path: &Path,
+    sources: &[&Bf16Matrix],
+    key: u64,
+    layout: &Layout,
+    isa: Isa,
+) -> std::io::Result<()> {
+    let mut file = std::io::BufWriter::new(File::create(path)?);
+    let mut at = 0;
+    for (m, (codes_at, scales_at)) in sources.iter().zip(&layout.sections) {
+        pad(&mut file, &mut at, codes_at.start)?;
+        let mut scales = vec![0f32; m.rows * m.cols / BLOCK];
+        let mut codes = vec![0u8; CHUNK_ROWS.min(m.rows) * m.cols];
+        let per_chunk = CHUNK_ROWS * m.cols / BLOCK;
+        let chunks = (0..m.rows)
+            .step_by(CHUNK_ROWS)
+            .zip(scales.chunks_mut(per_chunk));
+        for (first, chunk_scales) in chunks {
+            let codes = &mut codes[..(m.rows - first).min(CHUNK_ROWS) * m.cols];
+            quantize_rows(m, first, codes, chunk_scales, isa);
+            file.write_all(codes)?;
+            at += codes.len();
+        }
+        pad(&mut file, &mut at, scales_at.start)?;
+        file.write_all(bytemuck::cast_slice(&scales))?;
+        at += scales_at.len();
+    }
+    pad(&mut file, &mut at, layout.len)?;
+    let mut file = file.into_inner().map_err(|e| e.into_error())?;
+    file.seek(std::io::SeekFrom::Start(0))?;
+    file.write_all(&layout.header(key))?;
+    file.sync_all()
+}
+
+/// Zeros from `*at` up to `to`.
+fn pad(file: &mut impl Write, at: &mut usize, to: usize) -> std::io::Result<()> {
+    file.write_all(&vec![0u8; to - *at])?;
+    *at = to;
+    Ok(())
+}
+
+/// Quantizes rows `first..` of `m` (as many as `codes` holds) in parallel on the current pool.
+fn quantize_rows(m: &Bf16Matrix, first: usize, codes: &mut [u8], scales: &mut [f32], isa: Isa) {
+    codes
+        .par_chunks_mut(m.cols)
+        .zip(scales.par_chunks_mut(m.cols / BLOCK))
+        .enumerate()
+        .for_each(|(r, (codes, scales))| {
+            kernels::quantize_bf16_weights(isa, m.row(first + r), codes, scales)
+        });
+}

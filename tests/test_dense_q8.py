@@ -1,0 +1,76 @@
+"""dense="q8": attention and unembedding requantized to 8 bits, cached in a file that later loads
+map in place. Its accuracy against the golden data is in test_reference.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gpt_oss_cpu
+import numpy as np
+import pytest
+
+IDS = np.arange(1, 40) * 7 % 500
+
+
+def cache_files(cache: Path) -> list[Path]:
+    return sorted((cache / "gpt-oss-cpu" / "dense-q8").glob("*.bin"))
+
+
+def load_q8(model_dir: Path) -> gpt_oss_cpu.Model:
+    return gpt_oss_cpu.Model.load(str(model_dir), precision="fast", dense="q8")
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_first_load_writes_the_cache_and_later_loads_read_it(tiny_a_dir: Path, cache: Path):
+    first = load_q8(tiny_a_dir)
+    assert first.dense == "q8"
+    [file] = cache_files(cache)
+    assert file.read_bytes()[:8] == b"GOCPUQ8\0"
+    written = file.stat().st_mtime_ns
+    logits = first.forward(IDS)
+    second = load_q8(tiny_a_dir)
+    assert file.stat().st_mtime_ns == written, "a valid cache file was rewritten"
+    np.testing.assert_array_equal(second.forward(IDS), logits)
+    # The 8-bit weights really are in use.
+    bf16 = gpt_oss_cpu.Model.load(str(tiny_a_dir), precision="fast").forward(IDS)
+    assert np.abs(bf16 - logits).max() > 1e-4
+
+
+@pytest.mark.parametrize("damage", ["header", "truncated", "empty"])
+def test_a_damaged_cache_file_is_rebuilt(tiny_a_dir: Path, cache: Path, damage: str):
+    logits = load_q8(tiny_a_dir).forward(IDS)
+    [file] = cache_files(cache)
+    size = file.stat().st_size
+    if damage == "header":
+        with file.open("r+b") as f:
+            f.write(b"NOTQ8!!!")
+    elif damage == "truncated":
+        with file.open("r+b") as f:
+            f.truncate(size - 4096)
+    else:
+        file.write_bytes(b"")
+    np.testing.assert_array_equal(load_q8(tiny_a_dir).forward(IDS), logits)
+    [rebuilt] = cache_files(cache)
+    assert rebuilt.stat().st_size == size and rebuilt.read_bytes()[:8] == b"GOCPUQ8\0"
+
+
+def test_without_a_writable_cache_the_weights_are_built_in_memory(
+    tiny_a_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    logits = load_q8(tiny_a_dir).forward(IDS)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    np.testing.assert_array_equal(load_q8(tiny_a_dir).forward(IDS), logits)
+
+
+def test_q8_needs_fast_precision_and_a_known_format(tiny_a_dir: Path):
+    with pytest.raises(gpt_oss_cpu.InputError, match='needs precision="fast"'):
+        gpt_oss_cpu.Model.load(str(tiny_a_dir), dense="q8")
+    with pytest.raises(gpt_oss_cpu.InputError, match="dense: expected one of bf16, q8"):
+        gpt_oss_cpu.Model.load(str(tiny_a_dir), precision="fast", dense="q4")  # type: ignore[arg-type]
