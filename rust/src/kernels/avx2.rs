@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::q8::{Q8Span, FP4_DOUBLED_PLUS_12};
+use super::q8::{Q8Pair, Q8Span, FP4_DOUBLED_PLUS_12};
 use super::{for_each_tile, MXFP4_BLOCK_BYTES};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]`, with `x` in [`super::unpack_order`] for 16-wide
@@ -292,6 +292,84 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
                     let partial = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), half_scale);
                     acc[r][t] = _mm256_fmadd_ps(partial, weight_scale[r], acc[r][t]);
                 }
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[(r0 + r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
+        }
+    }
+}
+
+/// 8-bit weight rows (`dense="q8"`, codes stored `+ 128`) × 8-bit activations ([`Q8Pair`]s, one
+/// block per 256-bit half). `vpmaddubsw` would saturate on the offset codes, so the weights are
+/// made signed again and multiplied by the activations' magnitudes with the activations' signs
+/// moved onto them (`vpsignb`), which keeps each pair sum within 2 · 127 · 127.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `codes` is `[rows, cols]`, `scales` `[rows, cols / 32]`,
+/// `pairs` as [`super::q8::to_pairs`] gives for `[tokens, cols]`, `out` `[rows, tokens]`, and
+/// `cols` a multiple of 32.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn matmul_q8_q8(
+    pairs: &[Q8Pair],
+    tokens: usize,
+    codes: &[u8],
+    scales: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) {
+    for_each_tile!(out, tokens, 4, 2, |r0, t0, R, T| {
+        // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
+        unsafe { tile_q8_q8::<R, T>(pairs, codes, scales, cols, r0, t0, tokens, out) }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_q8_q8<const R: usize, const T: usize>(
+    pairs: &[Q8Pair],
+    codes: &[u8],
+    scales: &[f32],
+    cols: usize,
+    r0: usize,
+    t0: usize,
+    tokens: usize,
+    out: &mut [f32],
+) {
+    let blocks = cols / 32;
+    let pairs_per_row = blocks.div_ceil(2);
+    let offset = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..blocks {
+        let (pair, half) = (b / 2, b % 2);
+        let mut weights = [_mm256_setzero_si256(); R];
+        let mut weight_scale = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            // SAFETY: block b of row r0 + r: 32 codes inside `codes`.
+            let stored = unsafe {
+                _mm256_loadu_si256(codes.as_ptr().add((r0 + r) * cols + 32 * b) as *const _)
+            };
+            weights[r] = _mm256_xor_si256(stored, offset);
+            weight_scale[r] = _mm256_set1_ps(scales[(r0 + r) * blocks + b]);
+        }
+        for t in 0..T {
+            let p = &pairs[(t0 + t) * pairs_per_row + pair];
+            // SAFETY: 32 codes and 8 scales of this block's half of the pair.
+            let (x, x_scale) = unsafe {
+                (
+                    _mm256_loadu_si256(p.codes.as_ptr().add(32 * half) as *const _),
+                    _mm256_loadu_ps(p.scale.as_ptr().add(8 * half)),
+                )
+            };
+            let magnitude = _mm256_sign_epi8(x, x);
+            for r in 0..R {
+                let signed = _mm256_sign_epi8(weights[r], x);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed), ones);
+                let partial = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), x_scale);
+                acc[r][t] = _mm256_fmadd_ps(partial, weight_scale[r], acc[r][t]);
             }
         }
     }

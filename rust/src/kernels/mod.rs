@@ -316,7 +316,7 @@ fn prepare_activations<'a>(
     cols: usize,
 ) -> Activations<'a> {
     match (isa, weights, precision) {
-        (_, WeightMatrix::Q8 { .. }, _) if q8_kernels(isa) == Isa::Avx512 => {
+        (_, WeightMatrix::Q8 { .. }, _) if q8_kernels(isa) != Isa::Scalar => {
             Activations::Q8Pairs(q8::to_pairs(&q8::quantize(x), cols))
         }
         (_, WeightMatrix::Q8 { .. }, _) => Activations::Q8(q8::quantize(x)),
@@ -460,10 +460,15 @@ fn run_kernel(
                 Activations::Q8(q) => {
                     scalar::matmul_q8_q8(&q.codes, &q.scales, tokens, codes, scales, cols, out)
                 }
-                // SAFETY: `prepare_activations` gave pairs only where `q8_kernels` is AVX-512.
+                // SAFETY: `prepare_activations` gave pairs only where `q8_kernels` runs SIMD.
                 #[cfg(target_arch = "x86_64")]
                 Activations::Q8Pairs(pairs) => unsafe {
-                    avx512::matmul_q8_q8(pairs, tokens, codes, scales, cols, out)
+                    match q8_kernels(isa) {
+                        Isa::Avx512 => {
+                            avx512::matmul_q8_q8(pairs, tokens, codes, scales, cols, out)
+                        }
+                        _ => avx2::matmul_q8_q8(pairs, tokens, codes, scales, cols, out),
+                    }
                 },
                 _ => unreachable!("8-bit weights take 8-bit activations"),
             }
