@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{try_with_capacity, Error, Result};
-use crate::kernels::attention::{self, KeyValues, Query};
+use crate::kernels::attention::{self, Query};
 use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, Precision, WeightMatrix};
 use crate::kv_cache::{KvCache, LayerCache};
 use crate::weights::{DenseFormat, LayerWeights, Linear, Mxfp4Experts, Weights};
@@ -319,15 +319,17 @@ impl Model {
             dim: c.head_dim,
         };
         let mut attn = vec![0f32; q.len()];
-        let keys = KeySource {
+        cache.store(first, &k, &v);
+        attend(
+            self.isa,
+            &q,
             cache,
             first,
-            keys: &k,
-            values: &v,
-            kv_dim: c.kv_dim(),
-        };
-        attend(self.isa, &q, &keys, &layer.sinks, heads, window, &mut attn);
-        cache.store(first, &k, &v);
+            &layer.sinks,
+            heads,
+            window,
+            &mut attn,
+        );
 
         let y = linear(self.isa, self.precision, &attn, &layer.o);
         add_assign(x, &y);
@@ -546,44 +548,16 @@ struct Heads {
     dim: usize,
 }
 
-/// Keys and values of positions before `first` come from the cache, the rest from this chunk.
-struct KeySource<'a> {
-    cache: &'a LayerCache,
-    first: usize,
-    keys: &'a [f32],
-    values: &'a [f32],
-    kv_dim: usize,
-}
-
-impl KeyValues for KeySource<'_> {
-    #[inline]
-    fn key(&self, j: usize) -> &[f32] {
-        if j >= self.first {
-            let s = (j - self.first) * self.kv_dim;
-            &self.keys[s..s + self.kv_dim]
-        } else {
-            self.cache.key(j)
-        }
-    }
-
-    #[inline]
-    fn value(&self, j: usize) -> &[f32] {
-        if j >= self.first {
-            let s = (j - self.first) * self.kv_dim;
-            &self.values[s..s + self.kv_dim]
-        } else {
-            self.cache.value(j)
-        }
-    }
-}
-
 /// Scaled dot-product attention with GQA (query heads `g·(H/G)..(g+1)·(H/G)` read KV head g), a
 /// per-head sink logit, causal masking, and an optional sliding window of `window` keys including
-/// the current one (SPEC §4.3.4). One task per (token, KV head).
+/// the current one (SPEC §4.3.4), for the chunk of positions `first..` already in `cache`. One task
+/// per (token, KV head).
+#[allow(clippy::too_many_arguments)]
 fn attend(
     isa: Isa,
     q: &[f32],
-    src: &KeySource,
+    cache: &LayerCache,
+    first: usize,
     sinks: &[f32],
     heads: Heads,
     window: Option<usize>,
@@ -596,16 +570,16 @@ fn attend(
         .enumerate()
         .for_each_init(Vec::new, |scores, (task, o)| {
             let (i, g) = (task / heads.kv, task % heads.kv);
-            let position = src.first + i;
+            let position = first + i;
             let query = Query {
                 q: &q[task * group_width..(task + 1) * group_width],
-                kv_offset: g * heads.dim,
+                kv_head: g,
                 first: window.map_or(0, |w| (position + 1).saturating_sub(w)),
                 last: position,
                 sinks: &sinks[g * group..(g + 1) * group],
                 scale,
             };
-            attention::attend(isa, src, &query, scores, o);
+            attention::attend(isa, cache, &query, scores, o);
         });
 }
 

@@ -191,7 +191,8 @@ impl Session {
 }
 
 const SESSION_MAGIC: &[u8; 8] = b"GOCPUKV\0";
-const SESSION_FORMAT: u32 = 1;
+/// 2: keys and values stored in blocks of 64 positions (version 1 files would load misread).
+const SESSION_FORMAT: u32 = 2;
 
 #[derive(serde::Deserialize)]
 struct SessionHeader {
