@@ -74,3 +74,23 @@ def test_q8_needs_fast_precision_and_a_known_format(tiny_a_dir: Path):
         gpt_oss_cpu.Model.load(str(tiny_a_dir), dense="q8")
     with pytest.raises(gpt_oss_cpu.InputError, match="dense: expected one of bf16, q8"):
         gpt_oss_cpu.Model.load(str(tiny_a_dir), precision="fast", dense="q4")  # type: ignore[arg-type]
+
+
+def test_q8_needs_an_attention_width_in_whole_blocks(tmp_path: Path):
+    from gpt_oss_cpu import synthetic
+
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 3,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "vocab_size": 128,
+    }
+    path = synthetic.write_checkpoint(tmp_path / "odd", config, progress=False)
+    with pytest.raises(gpt_oss_cpu.InputError, match="not a multiple of 32"):
+        gpt_oss_cpu.Model.load(str(path), precision="fast", dense="q8")
+    assert gpt_oss_cpu.Model.load(str(path), precision="fast").forward([1, 2, 3]).shape == (3, 128)

@@ -552,7 +552,7 @@ def _rate(tokens: int, seconds: float) -> str:
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    """``--threads``, ``--isa`` and ``--precision``, as ``Model.load`` takes them."""
+    """``--threads``, ``--isa``, ``--precision`` and ``--dense``, as ``Model.load`` takes them."""
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
     p.add_argument(
         "--isa",

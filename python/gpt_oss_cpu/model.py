@@ -98,9 +98,10 @@ class Model:
                 much as a bf16 implementation's do. The README gives the measured accuracy.
             dense: ``"bf16"`` (default) reads the attention and unembedding matrices in place from
                 the checkpoint. ``"q8"`` requantizes them at load to 8 bits per value with a scale
-                per 32 (as ggml's published GGUF stores them): 1.3 GB instead of 2.4 GB read per
-                decoded token, a second or so more to load, and the bf16 pages are released.
-                Needs ``precision="fast"``.
+                per 32 (as ggml's published GGUF stores them): 1.4 GB instead of 2.4 GB read per
+                decoded token. The first load writes them to a cache file
+                (``$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/``, a few seconds for the 20b); later
+                loads map it. The bf16 pages are released. Needs ``precision="fast"``.
 
         Raises:
             CheckpointError: a file or tensor is missing, truncated, corrupt, misshaped or mistyped.

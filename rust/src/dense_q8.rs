@@ -195,7 +195,10 @@ fn write_file(
 ) -> std::io::Result<()> {
     let dir = path.parent().expect("cache paths have a directory");
     std::fs::create_dir_all(dir)?;
-    let temporary = dir.join(format!(".{key:016x}.{}.tmp", std::process::id()));
+    // Unique per build, also between threads of one process (loads release the GIL).
+    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let build = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = dir.join(format!(".{key:016x}.{}.{build}.tmp", std::process::id()));
     let result = write_sections(&temporary, sources, key, layout, isa)
         .and_then(|()| std::fs::rename(&temporary, path));
     if result.is_err() {
@@ -211,7 +214,11 @@ fn write_sections(
     layout: &Layout,
     isa: Isa,
 ) -> std::io::Result<()> {
-    let mut file = std::io::BufWriter::new(File::create(path)?);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    let mut file = std::io::BufWriter::new(file);
     let mut at = 0;
     for (m, (codes_at, scales_at)) in sources.iter().zip(&layout.sections) {
         pad(&mut file, &mut at, codes_at.start)?;

@@ -93,6 +93,13 @@ impl Model {
             )));
         }
         let config = Config::from_file(&dir.join("config.json"))?;
+        if dense == DenseFormat::Q8 && config.q_dim() % 32 != 0 {
+            return Err(Error::Input(format!(
+                "dense=\"q8\" quantizes blocks of 32 values: the attention width \
+                 (num_attention_heads x head_dim = {}) is not a multiple of 32",
+                config.q_dim()
+            )));
+        }
         let mut checkpoint = Checkpoint::open(dir)?;
         let mut weights = Weights::load(&mut checkpoint, &config)?;
         let checkpoint_bytes = checkpoint.total_bytes;

@@ -6,6 +6,20 @@
 
 use std::arch::x86_64::*;
 
+/// How far ahead of the current position the 8-bit decoding kernels prefetch a weight row
+/// (bytes; past a short row this is the next tile's rows). Their many instructions per byte leave
+/// too few loads in flight for the hardware prefetcher alone: measured +6 % (experts) to +16 %
+/// (8-bit dense) decode speed, one process alternating settings; 4096 beat 512-2048.
+const PREFETCH_AHEAD: usize = 4096;
+
+/// Hints the cache line at `base + offset` into L1. `wrapping_add` because the address may lie
+/// past the slice; a prefetch never faults.
+#[inline(always)]
+fn prefetch(base: *const u8, offset: usize) {
+    // SAFETY: prefetching is a hint that never faults, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(offset) as *const i8) }
+}
+
 use super::q8::{Q8Pair, Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12, GROUP_TOKENS};
 use super::{for_each_tile, MXFP4_BLOCK_BYTES};
 use crate::kernels::scalar::{bf16_to_f32, e8m0_to_f32, FP4_VALUES};
@@ -321,12 +335,12 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
             let mut high = [_mm512_setzero_si512(); R];
             let mut weight_scale = [_mm512_setzero_ps(); R];
             for r in 0..R {
+                let at = ((r0 + r) * groups + span * 4) * MXFP4_BLOCK_BYTES;
+                prefetch(blocks.as_ptr(), at + PREFETCH_AHEAD);
                 // SAFETY: the span's `span_blocks` blocks of row r0 + r lie inside `blocks`; the
                 // bytes of absent blocks are masked off and not read.
                 let codes = unsafe {
-                    let at = blocks
-                        .as_ptr()
-                        .add(((r0 + r) * groups + span * 4) * MXFP4_BLOCK_BYTES);
+                    let at = blocks.as_ptr().add(at);
                     match span_blocks {
                         4 => _mm512_loadu_si512(at as *const _),
                         2 => _mm512_zextsi256_si512(_mm256_loadu_si256(at as *const _)),
@@ -661,13 +675,15 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
         for r in 0..R {
             let at = (r0 + r) * cols + 64 * p;
             let s = (r0 + r) * blocks + 2 * p;
+            prefetch(codes.as_ptr(), at + PREFETCH_AHEAD);
             // SAFETY: the pair's one or two blocks of row r0 + r (32 codes and a scale each)
             // lie inside `codes` and `scales`; a lone last block is read with 32-byte and
             // 4-byte loads.
             unsafe {
                 if both {
                     weights[r] = _mm512_loadu_si512(codes.as_ptr().add(at) as *const _);
-                    let two = _mm_castpd_ps(_mm_load_sd(scales.as_ptr().add(s) as *const f64));
+                    // An unaligned 8-byte load (`_mm_load_sd` would assume 8-byte alignment).
+                    let two = _mm_castsi128_ps(_mm_loadl_epi64(scales.as_ptr().add(s) as *const _));
                     weight_scale[r] =
                         _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(two));
                 } else {

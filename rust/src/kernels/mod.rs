@@ -148,7 +148,8 @@ pub fn default_isa() -> Result<Isa, String> {
 const EXACT_BF16_PARTS_TOKENS: usize = 1;
 
 /// `x` as three bf16 values that sum to it exactly: each is `x`'s remainder truncated to its top
-/// 8 significant bits, and an f32 has 24.
+/// 8 significant bits, and an f32 has 24. Exact for finite |x| >= 2^-102, where no part is
+/// subnormal (`vdpbf16ps` flushes subnormals; activations are never that small).
 fn split_bf16(x: f32) -> [u16; 3] {
     let high = (x.to_bits() >> 16) as u16;
     let rest = x - f32::from_bits((high as u32) << 16);
@@ -205,7 +206,8 @@ pub struct Matmul<'a> {
 
 /// Runs several products as one parallel region, their rows split into tasks over the current
 /// rayon pool: one synchronisation instead of one per matrix (q/k/v, or the routed experts).
-/// `precision` applies to MXFP4 products; bf16 products are always exact.
+/// `precision` says whether the activations are rounded (see [`Precision`]); 8-bit weights
+/// always take 8-bit activations.
 ///
 /// # Panics
 /// If this CPU does not support `isa` (running its kernels would be undefined behaviour), or a
