@@ -16,9 +16,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .tokenizer import InvalidTokenizerError, TokenizerNotFoundError
+
+if TYPE_CHECKING:
+    from .model import Model
 
 PROG = "gpt-oss-cpu"
 
@@ -103,7 +106,6 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import gpt_oss_cpu
 
     model_dir = Path(args.model).expanduser()
     if not model_dir.is_dir():
@@ -111,13 +113,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
 
     t_start = time.perf_counter()
-    model = gpt_oss_cpu.Model.load(
-        str(model_dir),
-        threads=args.threads,
-        isa=args.isa,
-        precision=args.precision,
-        dense=args.dense,
-    )
+    model = _load_model(model_dir, args)
     tokenizer = model.tokenizer
     load_seconds = time.perf_counter() - t_start
 
@@ -334,13 +330,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     model_dir = Path(args.model).expanduser()
     if not model_dir.is_dir():
         raise CliError(f"model directory not found: {model_dir}")
-    model = gpt_oss_cpu.Model.load(
-        str(model_dir),
-        threads=args.threads,
-        isa=args.isa,
-        precision=args.precision,
-        dense=args.dense,
-    )
+    model = _load_model(model_dir, args)
     tokenizer = model.tokenizer
     out: TextIO = sys.stdout
     dim = out.isatty()
@@ -493,7 +483,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(
             f"serving needs the 'serve' extra ({exc}): pip install 'gpt-oss-cpu[serve]'"
         ) from None
-    import gpt_oss_cpu
 
     model_dir = Path(args.model).expanduser()
     if not model_dir.is_dir():
@@ -501,13 +490,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    model = gpt_oss_cpu.Model.load(
-        str(model_dir),
-        threads=args.threads,
-        isa=args.isa,
-        precision=args.precision,
-        dense=args.dense,
-    )
+    model = _load_model(model_dir, args)
     name = args.model_name or model_dir.resolve().name
     app = create_app(
         model,
@@ -549,6 +532,19 @@ def _one_line(exc: BaseException) -> str:
 
 def _rate(tokens: int, seconds: float) -> str:
     return f"{tokens / seconds:.2f} tok/s" if seconds > 0 else "n/a tok/s"
+
+
+def _load_model(model_dir: Path, args: argparse.Namespace) -> Model:
+    """``Model.load`` with the options of :func:`_add_engine_options`."""
+    import gpt_oss_cpu
+
+    return gpt_oss_cpu.Model.load(
+        str(model_dir),
+        threads=args.threads,
+        isa=args.isa,
+        precision=args.precision,
+        dense=args.dense,
+    )
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
