@@ -94,3 +94,20 @@ def test_q8_needs_an_attention_width_in_whole_blocks(tmp_path: Path):
     with pytest.raises(gpt_oss_cpu.InputError, match="not a multiple of 32"):
         gpt_oss_cpu.Model.load(str(path), precision="fast", dense="q8")
     assert gpt_oss_cpu.Model.load(str(path), precision="fast").forward([1, 2, 3]).shape == (3, 128)
+
+
+def test_abandoned_temporary_files_are_removed_by_the_next_build(tiny_a_dir: Path, cache: Path):
+    import os
+
+    load_q8(tiny_a_dir)
+    [file] = cache_files(cache)
+    key = file.stem
+    stale = file.parent / f".{key}.99999.0.tmp"
+    recent = file.parent / f".{key}.99999.1.tmp"
+    for path in (stale, recent):
+        path.write_bytes(b"partial")
+    os.utime(stale, (0, 1_000_000_000))  # 2001
+    file.unlink()  # forces a build
+    load_q8(tiny_a_dir)
+    assert not stale.exists()
+    assert recent.exists()  # it may belong to a build still running

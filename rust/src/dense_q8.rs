@@ -195,6 +195,7 @@ fn write_file(
 ) -> std::io::Result<()> {
     let dir = path.parent().expect("cache paths have a directory");
     std::fs::create_dir_all(dir)?;
+    remove_abandoned_builds(dir, key);
     // Unique per build, also between threads of one process (loads release the GIL).
     static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let build = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -243,6 +244,30 @@ fn write_sections(
     file.seek(std::io::SeekFrom::Start(0))?;
     file.write_all(&layout.header(key))?;
     file.sync_all()
+}
+
+/// Removes temporary files of builds of `key` that stopped (a killed process) more than an hour
+/// ago: a live build writes its file continuously.
+fn remove_abandoned_builds(dir: &Path, key: u64) {
+    let prefix = format!(".{key:016x}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let idle = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if name.starts_with(&prefix)
+            && name.ends_with(".tmp")
+            && idle.is_some_and(|d| d.as_secs() > 3600)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Zeros from `*at` up to `to`.
