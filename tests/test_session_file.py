@@ -53,6 +53,20 @@ def test_another_model_is_refused_with_both_fingerprints(model, ids, tmp_path) -
         Session.load(other, path)
 
 
+def test_other_precision_settings_are_refused_and_the_same_ones_resume(ids, tmp_path) -> None:
+    path = tmp_path / "s.kv"
+    fast = Model.load(DATA / "tiny-a", precision="fast", dense="q8")
+    with fast.session(max_context=64) as session:
+        session.append(ids[:8])
+        session.save(path)
+        want = session.append(ids[8:10])
+    message = 'precision="fast", dense="q8"; this model runs precision="exact", dense="bf16"'
+    with pytest.raises(InputError, match=re.escape(message)):
+        Session.load(Model.load(DATA / "tiny-a"), path)
+    with Session.load(Model.load(DATA / "tiny-a", precision="fast", dense="q8"), path) as resumed:
+        np.testing.assert_array_equal(resumed.append(ids[8:10]), want)
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [

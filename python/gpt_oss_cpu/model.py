@@ -285,7 +285,8 @@ class Session:
 
         Raises:
             InputError: the file is not a session file, is truncated, or was saved with another
-                model (the message gives both model fingerprints).
+                model (the message gives both model fingerprints) or with other ``precision`` /
+                ``dense`` settings (its keys and values were computed with those).
         """
         return cls(model._engine.load_session(os.fspath(path)), model)
 

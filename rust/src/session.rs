@@ -99,6 +99,8 @@ impl Session {
         let header = serde_json::json!({
             "format": SESSION_FORMAT,
             "model": format!("{:016x}", self.model.fingerprint),
+            "precision": self.model.precision.name(),
+            "dense": self.model.dense.name(),
             "max_context": self.cache.max_context,
             "tokens": self.cache.tokens(),
             "ring_valid_from": self.cache.ring_valid_from(),
@@ -161,6 +163,14 @@ impl Session {
                 model.dir.display()
             )));
         }
+        let settings = (model.precision.name(), model.dense.name());
+        if (header.precision.as_str(), header.dense.as_str()) != settings {
+            return Err(bad(format!(
+                "its keys and values were computed with precision={:?}, dense={:?}; this model \
+                 runs precision={:?}, dense={:?} (load the model with those to resume)",
+                header.precision, header.dense, settings.0, settings.1
+            )));
+        }
         let mut session = Session::new(model, header.max_context)?;
         let mut read = |n: usize| -> Result<Vec<f32>> {
             let mut values = crate::error::try_zeroed(n, "session file")?;
@@ -198,6 +208,8 @@ const SESSION_FORMAT: u32 = 2;
 struct SessionHeader {
     format: u32,
     model: String,
+    precision: String,
+    dense: String,
     max_context: usize,
     tokens: Vec<u32>,
     ring_valid_from: usize,
