@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kernels::{self, Isa, MXFP4_BLOCK_VALUES as BLOCK};
-use crate::weights::Bf16Matrix;
+use crate::weights::{fnv1a, Bf16Matrix};
 
 const MAGIC: &[u8; 8] = b"GOCPUQ8\0";
 const VERSION: u32 = 1;
@@ -154,9 +154,7 @@ pub fn cache_key(fingerprint: u64, files: &[PathBuf]) -> u64 {
             bytes.extend(modified.map_or(0, |d| d.as_nanos()).to_le_bytes());
         }
     }
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
+    fnv1a(&bytes)
 }
 
 fn cache_path(key: u64) -> Option<PathBuf> {

@@ -122,7 +122,7 @@ impl Model {
         // Before requantizing, which releases the bf16 pages the fingerprint samples.
         let fingerprint = weights.fingerprint(&config);
         if dense == DenseFormat::Q8 {
-            pool.install(|| weights.requantize_dense(&config, &files, isa))?;
+            pool.install(|| weights.requantize_dense(fingerprint, &files, isa))?;
         }
         Ok(Model {
             fingerprint,

@@ -202,9 +202,14 @@ impl Weights {
     /// Switches the attention projections and the unembedding to 8 bits ([`DenseFormat::Q8`],
     /// from the cache file of this checkpoint, see [`dense_q8`]) and releases their bf16 pages.
     /// The router stays bf16 (rounding could flip its top-k) and so does the embedding (one row
-    /// is read per token).
-    pub fn requantize_dense(&mut self, config: &Config, files: &[PathBuf], isa: Isa) -> Result<()> {
-        let key = dense_q8::cache_key(self.fingerprint(config), files);
+    /// is read per token). `fingerprint` is [`Weights::fingerprint`], taken before the release.
+    pub fn requantize_dense(
+        &mut self,
+        fingerprint: u64,
+        files: &[PathBuf],
+        isa: Isa,
+    ) -> Result<()> {
+        let key = dense_q8::cache_key(fingerprint, files);
         let mut sources: Vec<&Bf16Matrix> = Vec::new();
         for layer in &self.layers {
             sources.extend([&layer.q, &layer.k, &layer.v, &layer.o].map(|l| &l.weight));
@@ -243,10 +248,15 @@ impl Weights {
         if let Some(layer) = self.layers.first() {
             bytes.extend(sample(&layer.q.weight));
         }
-        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        })
+        fnv1a(&bytes)
     }
+}
+
+/// 64-bit FNV-1a: a stable hash for identifying files (std's hashers may change between runs).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn load_layer(ck: &mut Checkpoint, c: &Config, names: &Names, l: usize) -> Result<LayerWeights> {
