@@ -1,11 +1,12 @@
 //! The `dense="q8"` weights: the attention and unembedding matrices requantized to 8 bits per value
-//! and an f32 scale per 32 ([`crate::kernels::q8::quantize_bf16_weights`]). The first load writes
+//! and an f32 scale per 32 ([`crate::kernels::quantize_bf16_row`]). The first load writes
 //! them to a cache file, `$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/<key>.bin` (else `~/.cache/...`),
 //! that later loads map in place, as the checkpoint is; where no cache can be written they are
 //! built in memory at every load.
 //!
 //! File: a 64-byte header (magic, format version, key, matrix count, total length), then per
-//! matrix its codes (`[rows, cols]`, stored `+ 128`) and its scales (`[rows, cols / 32]` f32), each
+//! matrix its codes (`[rows, cols]`, stored `+ 128`, each row in the grouped order of
+//! [`crate::kernels::q8::group_row`]) and its scales (`[rows, cols / 32]` f32), each
 //! starting on a 4096-byte boundary. The key hashes the checkpoint's fingerprint and the names,
 //! sizes and modification times of its files, so a changed checkpoint gets a new file.
 
@@ -23,7 +24,8 @@ use crate::kernels::{self, Isa, MXFP4_BLOCK_VALUES as BLOCK};
 use crate::weights::{fnv1a, Bf16Matrix};
 
 const MAGIC: &[u8; 8] = b"GOCPUQ8\0";
-const VERSION: u32 = 1;
+/// 2: codes in the grouped order of [`crate::kernels::q8::group_row`].
+const VERSION: u32 = 2;
 const HEADER_BYTES: usize = 64;
 const ALIGN: usize = 4096;
 /// Rows quantized per write: bounds the staging buffer.
@@ -282,6 +284,6 @@ fn quantize_rows(m: &Bf16Matrix, first: usize, codes: &mut [u8], scales: &mut [f
         .zip(scales.par_chunks_mut(m.cols / BLOCK))
         .enumerate()
         .for_each(|(r, (codes, scales))| {
-            kernels::quantize_bf16_weights(isa, m.row(first + r), codes, scales)
+            kernels::quantize_bf16_row(isa, m.row(first + r), codes, scales)
         });
 }

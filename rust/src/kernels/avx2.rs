@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::q8::{Q8Pair, Q8Span, FP4_DOUBLED_PLUS_12};
+use super::q8::{weight_groups, Q8Group, Q8Span, FP4_DOUBLED_PLUS_12};
 use super::{for_each_tile, MXFP4_BLOCK_BYTES};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]`, with `x` in [`super::unpack_order`] for 16-wide
@@ -302,18 +302,20 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
     }
 }
 
-/// 8-bit weight rows (`dense="q8"`, codes stored `+ 128`) × 8-bit activations ([`Q8Pair`]s, one
-/// block per 256-bit half). `vpmaddubsw` would saturate on the offset codes, so the weights are
-/// made signed again and multiplied by the activations' magnitudes with the activations' signs
-/// moved onto them (`vpsignb`), which keeps each pair sum within 2 · 127 · 127.
+/// 8-bit weight rows (`dense="q8"`, codes stored `+ 128` in the grouped order of
+/// [`super::q8::grouped_offset`]) × 8-bit activations ([`Q8Group`]s), a group in halves of up to 8
+/// blocks, one block per 32-bit lane (see the AVX-512 kernel). `vpmaddubsw` would saturate on the
+/// offset codes, so the weights are made signed again and multiplied by the activations'
+/// magnitudes with the activations' signs moved onto them (`vpsignb`), which keeps each pair sum
+/// within 2 · 127 · 128.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `codes` is `[rows, cols]`, `scales` `[rows, cols / 32]`,
-/// `pairs` as [`super::q8::to_pairs`] gives for `[tokens, cols]`, `out` `[rows, tokens]`, and
+/// `groups` as [`super::q8::to_groups`] gives for `[tokens, cols]`, `out` `[rows, tokens]`, and
 /// `cols` a multiple of 32.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn matmul_q8_q8(
-    pairs: &[Q8Pair],
+    groups: &[Q8Group],
     tokens: usize,
     codes: &[u8],
     scales: &[f32],
@@ -322,14 +324,32 @@ pub unsafe fn matmul_q8_q8(
 ) {
     for_each_tile!(out, tokens, 4, 2, |r0, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_q8_q8::<R, T>(pairs, codes, scales, cols, r0, t0, tokens, out) }
+        unsafe { tile_q8_q8::<R, T>(groups, codes, scales, cols, r0, t0, tokens, out) }
     });
+}
+
+/// `4 · lanes` bytes at `at` (`lanes` one of 8, 4, 2, 1) in the low 32-bit lanes of a vector, the
+/// others zero.
+///
+/// # Safety
+/// `4 · lanes` bytes at `at` must be readable.
+#[inline(always)]
+unsafe fn load_lanes(at: *const u8, lanes: usize) -> __m256i {
+    // SAFETY: each arm reads exactly `4 · lanes` bytes, unaligned.
+    unsafe {
+        match lanes {
+            8 => _mm256_loadu_si256(at as *const _),
+            4 => _mm256_zextsi128_si256(_mm_loadu_si128(at as *const _)),
+            2 => _mm256_zextsi128_si256(_mm_loadl_epi64(at as *const _)),
+            _ => _mm256_zextsi128_si256(_mm_cvtsi32_si128((at as *const i32).read_unaligned())),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_q8_q8<const R: usize, const T: usize>(
-    pairs: &[Q8Pair],
+    groups: &[Q8Group],
     codes: &[u8],
     scales: &[f32],
     cols: usize,
@@ -339,37 +359,52 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
     out: &mut [f32],
 ) {
     let blocks = cols / 32;
-    let pairs_per_row = blocks.div_ceil(2);
+    let groups_per_row = weight_groups(blocks).count();
     let offset = _mm256_set1_epi8(-128);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
-    for b in 0..blocks {
-        let (pair, half) = (b / 2, b % 2);
-        let mut weights = [_mm256_setzero_si256(); R];
-        let mut weight_scale = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            // SAFETY: block b of row r0 + r: 32 codes inside `codes`.
-            let stored = unsafe {
-                _mm256_loadu_si256(codes.as_ptr().add((r0 + r) * cols + 32 * b) as *const _)
-            };
-            weights[r] = _mm256_xor_si256(stored, offset);
-            weight_scale[r] = _mm256_set1_ps(scales[(r0 + r) * blocks + b]);
-        }
-        for t in 0..T {
-            let p = &pairs[(t0 + t) * pairs_per_row + pair];
-            // SAFETY: 32 codes and 8 scales of this block's half of the pair.
-            let (x, x_scale) = unsafe {
-                (
-                    _mm256_loadu_si256(p.codes.as_ptr().add(32 * half) as *const _),
-                    _mm256_loadu_ps(p.scale.as_ptr().add(8 * half)),
-                )
-            };
-            let magnitude = _mm256_sign_epi8(x, x);
+    for (g, (first, size)) in weight_groups(blocks).enumerate() {
+        let x = |t: usize| &groups[(t0 + t) * groups_per_row + g];
+        let lanes = size.min(8);
+        for half in 0..size / lanes {
+            let mut dot = [[_mm256_setzero_si256(); T]; R];
+            for step in 0..8 {
+                let mut weights = [_mm256_setzero_si256(); R];
+                for r in 0..R {
+                    let at = (r0 + r) * cols + first * 32 + 4 * size * step + 32 * half;
+                    // SAFETY: this half of step `step` of the group, `4 · lanes` codes of row
+                    // r0 + r, lies inside `codes`.
+                    let stored = unsafe { load_lanes(codes.as_ptr().add(at), lanes) };
+                    weights[r] = _mm256_xor_si256(stored, offset);
+                }
+                for t in 0..T {
+                    // SAFETY: `steps[step]` has 64 bytes; this half is 32 of them.
+                    let xs = unsafe {
+                        _mm256_loadu_si256(x(t).steps[step].as_ptr().add(32 * half) as *const _)
+                    };
+                    let magnitude = _mm256_sign_epi8(xs, xs);
+                    for r in 0..R {
+                        let signed = _mm256_sign_epi8(weights[r], xs);
+                        let four = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed), ones);
+                        dot[r][t] = _mm256_add_epi32(dot[r][t], four);
+                    }
+                }
+            }
+            let mut weight_scale = [_mm256_setzero_ps(); R];
             for r in 0..R {
-                let signed = _mm256_sign_epi8(weights[r], x);
-                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed), ones);
-                let partial = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), x_scale);
-                acc[r][t] = _mm256_fmadd_ps(partial, weight_scale[r], acc[r][t]);
+                let at = (r0 + r) * blocks + first + 8 * half;
+                // SAFETY: this half's `lanes` scales of row r0 + r lie inside `scales`.
+                weight_scale[r] = _mm256_castsi256_ps(unsafe {
+                    load_lanes(scales.as_ptr().add(at) as *const u8, lanes)
+                });
+            }
+            for t in 0..T {
+                // SAFETY: `scale` has 16 lanes; this half is 8 of them.
+                let x_scale = unsafe { _mm256_loadu_ps(x(t).scale.as_ptr().add(8 * half)) };
+                for r in 0..R {
+                    let partial = _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r][t]), x_scale);
+                    acc[r][t] = _mm256_fmadd_ps(partial, weight_scale[r], acc[r][t]);
+                }
             }
         }
     }

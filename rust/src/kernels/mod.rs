@@ -188,8 +188,9 @@ pub enum WeightMatrix<'a> {
     Bf16(&'a [u16]),
     /// MXFP4: packed `blocks` (`cols / 2` bytes a row) and E8M0 `scales` (`cols / 32` bytes a row).
     Mxfp4 { blocks: &'a [u8], scales: &'a [u8] },
-    /// 8-bit blocks (`dense="q8"`): `codes` stored `+ 128` (`cols` bytes a row) and f32 `scales`
-    /// (`cols / 32` a row). The activations are quantized to 8 bits at every precision.
+    /// 8-bit blocks (`dense="q8"`): `codes` stored `+ 128` (`cols` bytes a row, in the grouped
+    /// order of [`q8::group_row`]) and f32 `scales` (`cols / 32` a row). The activations are
+    /// quantized to 8 bits at every precision.
     Q8 { codes: &'a [u8], scales: &'a [f32] },
 }
 
@@ -299,8 +300,8 @@ enum Activations<'a> {
     Q8Spans(Vec<q8::Q8Span>),
     /// 8-bit, tokens in vector lanes (the AVX-512 prefill kernel).
     Q8Columns(q8::TokenColumns),
-    /// 8-bit, `[tokens, pairs of blocks]` (the SIMD kernels for 8-bit weights).
-    Q8Pairs(Vec<q8::Q8Pair>),
+    /// 8-bit, `[tokens, groups of blocks]` (the SIMD kernels for 8-bit weights).
+    Q8Groups(Vec<q8::Q8Group>),
     /// `[tokens, parts, cols]` bf16 bits (`vdpbf16ps`): one part rounded (fast), or three that
     /// sum to the f32 exactly (exact).
     Bf16Parts {
@@ -319,7 +320,7 @@ fn prepare_activations<'a>(
 ) -> Activations<'a> {
     match (isa, weights, precision) {
         (_, WeightMatrix::Q8 { .. }, _) if q8_kernels(isa) != Isa::Scalar => {
-            Activations::Q8Pairs(q8::to_pairs(&q8::quantize(x), cols))
+            Activations::Q8Groups(q8::to_groups(&q8::quantize(x), cols))
         }
         (_, WeightMatrix::Q8 { .. }, _) => Activations::Q8(q8::quantize(x)),
         (Isa::Avx512, WeightMatrix::Mxfp4 { .. }, Precision::Fast)
@@ -462,14 +463,14 @@ fn run_kernel(
                 Activations::Q8(q) => {
                     scalar::matmul_q8_q8(&q.codes, &q.scales, tokens, codes, scales, cols, out)
                 }
-                // SAFETY: `prepare_activations` gave pairs only where `q8_kernels` runs SIMD.
+                // SAFETY: `prepare_activations` gave groups only where `q8_kernels` runs SIMD.
                 #[cfg(target_arch = "x86_64")]
-                Activations::Q8Pairs(pairs) => unsafe {
+                Activations::Q8Groups(groups) => unsafe {
                     match q8_kernels(isa) {
                         Isa::Avx512 => {
-                            avx512::matmul_q8_q8(pairs, tokens, codes, scales, cols, out)
+                            avx512::matmul_q8_q8(groups, tokens, codes, scales, cols, out)
                         }
-                        _ => avx2::matmul_q8_q8(pairs, tokens, codes, scales, cols, out),
+                        _ => avx2::matmul_q8_q8(groups, tokens, codes, scales, cols, out),
                     }
                 },
                 _ => unreachable!("8-bit weights take 8-bit activations"),
@@ -478,15 +479,18 @@ fn run_kernel(
     }
 }
 
-/// [`q8::quantize_bf16_weights`] with the kernels of `isa`.
-pub fn quantize_bf16_weights(isa: Isa, bits: &[u16], codes: &mut [u8], scales: &mut [f32]) {
+/// One bf16 weight row in the 8-bit format of `dense="q8"`: [`q8::quantize_bf16_weights`] with
+/// the kernels of `isa`, the codes then put in the grouped order of [`q8::group_row`].
+pub fn quantize_bf16_row(isa: Isa, bits: &[u16], codes: &mut [u8], scales: &mut [f32]) {
     assert!(bits.len() == codes.len() && codes.len() == scales.len() * MXFP4_BLOCK_VALUES);
+    let mut natural = vec![0u8; codes.len()];
     match isa {
         // SAFETY: checked lengths; every `Isa` a model holds was checked with `is_supported`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::quantize_bf16_weights(bits, codes, scales) },
-        _ => q8::quantize_bf16_weights(bits, codes, scales),
+        Isa::Avx512 => unsafe { avx512::quantize_bf16_weights(bits, &mut natural, scales) },
+        _ => q8::quantize_bf16_weights(bits, &mut natural, scales),
     }
+    q8::group_row(&natural, codes);
 }
 
 /// The instruction set of the 8-bit MXFP4 kernels that run for `isa`.
@@ -916,7 +920,12 @@ mod tests {
                 .map(|v| half::bf16::from_f32(*v).to_bits())
                 .collect();
             let (mut codes, mut scales) = (vec![0u8; rows * cols], vec![0f32; rows * cols / 32]);
-            q8::quantize_bf16_weights(&bits, &mut codes, &mut scales);
+            let rows_of = codes
+                .chunks_exact_mut(cols)
+                .zip(scales.chunks_exact_mut(cols / 32));
+            for (r, (codes, scales)) in rows_of.enumerate() {
+                quantize_bf16_row(Isa::Scalar, &bits[r * cols..][..cols], codes, scales);
+            }
             let product = |isa: Isa, y: &mut [f32]| {
                 let weights = WeightMatrix::Q8 {
                     codes: &codes,
@@ -987,11 +996,15 @@ mod tests {
         let (mut want_codes, mut want_scales) =
             (vec![0u8; bits.len()], vec![0f32; bits.len() / 32]);
         q8::quantize_bf16_weights(&bits, &mut want_codes, &mut want_scales);
-        for isa in simd_isas() {
-            let (mut codes, mut scales) = (vec![0u8; bits.len()], vec![0f32; bits.len() / 32]);
-            quantize_bf16_weights(isa, &bits, &mut codes, &mut scales);
-            assert_eq!(codes, want_codes, "{isa:?}");
-            assert_eq!(scales, want_scales, "{isa:?}");
+        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+            let (mut codes, mut scales) = (vec![0u8; 96], vec![0f32; 3]);
+            for (r, row) in bits.chunks_exact(96).enumerate() {
+                quantize_bf16_row(isa, row, &mut codes, &mut scales);
+                let mut grouped = vec![0u8; 96];
+                q8::group_row(&want_codes[r * 96..][..96], &mut grouped);
+                assert_eq!(codes, grouped, "{isa:?} row {r}");
+                assert_eq!(scales, want_scales[r * 3..][..3], "{isa:?} row {r}");
+            }
         }
     }
 

@@ -165,41 +165,88 @@ pub fn to_token_columns(q: &Q8Activations, cols: usize) -> TokenColumns {
     }
 }
 
-/// 64 quantized activations (2 blocks) as the SIMD kernels read them against 64 bytes of an
-/// 8-bit weight row (`dense="q8"`), whose codes are stored `+ 128` so that `vpdpbusd` multiplies
-/// them, unsigned, into these signed codes. 32-bit lane `i` covers values `4i..4i + 4`.
+/// Blocks in a full group of an 8-bit weight row (`dense="q8"`): one 32-bit lane of a 512-bit
+/// vector per block.
+pub const GROUP_BLOCKS: usize = 16;
+
+/// The groups of a row of `blocks` 32-blocks, as `(first block, blocks)`: groups of
+/// [`GROUP_BLOCKS`], then the rest as 8, 4, 2 and 1 (those present), so that every load of a
+/// group is a whole 64-, 32-, 16-, 8- or 4-byte load.
+pub fn weight_groups(blocks: usize) -> impl Iterator<Item = (usize, usize)> {
+    let full = blocks / GROUP_BLOCKS * GROUP_BLOCKS;
+    let tail = [8, 4, 2, 1]
+        .into_iter()
+        .filter(move |&g| (blocks - full) & g != 0);
+    std::iter::repeat_n(GROUP_BLOCKS, blocks / GROUP_BLOCKS)
+        .chain(tail)
+        .scan(0, |first, size| {
+            let group = (*first, size);
+            *first += size;
+            Some(group)
+        })
+}
+
+/// Where value `e` of block `b` of a group of `size` blocks lies within the group's bytes: the
+/// group is 8 steps of `4 · size` bytes, and step `k` holds values `4k..4k + 4` of each block in
+/// turn. So one load of a step feeds every block of the group into its own 32-bit lane of one
+/// `vpdpbusd`, and the block scales are applied once per group instead of once per load.
+pub fn grouped_offset(size: usize, b: usize, e: usize) -> usize {
+    4 * size * (e / 4) + 4 * b + e % 4
+}
+
+/// Reorders one row of codes from natural order (`natural`) into the grouped order of
+/// [`weight_groups`] and [`grouped_offset`].
+pub fn group_row(natural: &[u8], grouped: &mut [u8]) {
+    for (first, size) in weight_groups(natural.len() / BLOCK) {
+        let base = first * BLOCK;
+        for b in 0..size {
+            for e in 0..BLOCK {
+                grouped[base + grouped_offset(size, b, e)] = natural[base + b * BLOCK + e];
+            }
+        }
+    }
+}
+
+/// One group's quantized activations as the SIMD kernels read them against a group of an 8-bit
+/// weight row (codes stored `+ 128` so that `vpdpbusd` multiplies them, unsigned, into these
+/// signed codes). 32-bit lane `i` belongs to block `i` of the group; lanes past the group's size
+/// are zero.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-pub struct Q8Pair {
-    pub codes: [i8; 64],
-    /// Lane `i`: `−128 · Σ` of the codes lane `i` covers, cancelling the weights' `+ 128`.
+pub struct Q8Group {
+    /// Step `k`, lane `i`: values `4k..4k + 4` of block `i`.
+    pub steps: [[i8; 64]; 8],
+    /// Lane `i`: `−128 · Σ` of block `i`'s codes, cancelling the weights' `+ 128`.
     pub correction: [i32; 16],
-    /// Lane `i`: the scale of block `i / 8`.
+    /// Lane `i`: the scale of block `i`.
     pub scale: [f32; 16],
 }
 
-/// `[tokens, ceil(cols / 64)]` pairs; a row's last pair is padded with zero activations.
-pub fn to_pairs(q: &Q8Activations, cols: usize) -> Vec<Q8Pair> {
-    const EMPTY: Q8Pair = Q8Pair {
-        codes: [0; 64],
+/// `[tokens, groups]` activations, groups as [`weight_groups`] gives for `cols / 32` blocks.
+pub fn to_groups(q: &Q8Activations, cols: usize) -> Vec<Q8Group> {
+    const EMPTY: Q8Group = Q8Group {
+        steps: [[0; 64]; 8],
         correction: [0; 16],
         scale: [0.0; 16],
     };
     let blocks_per_row = cols / BLOCK;
-    let pairs_per_row = blocks_per_row.div_ceil(2);
+    let groups = weight_groups(blocks_per_row).count();
     let tokens = q.scales.len() / blocks_per_row;
-    let mut pairs = vec![EMPTY; tokens * pairs_per_row];
+    let mut out = vec![EMPTY; tokens * groups];
     for (t, row) in q.codes.chunks_exact(cols).enumerate() {
-        for (i, values) in row.chunks(64).enumerate() {
-            let pair = &mut pairs[t * pairs_per_row + i];
-            pair.codes[..values.len()].copy_from_slice(values);
-            for (lane, four) in values.chunks_exact(4).enumerate() {
-                pair.correction[lane] = -128 * four.iter().map(|&c| c as i32).sum::<i32>();
-                pair.scale[lane] = q.scales[t * blocks_per_row + 2 * i + lane / 8];
+        for (g, (first, size)) in weight_groups(blocks_per_row).enumerate() {
+            let group = &mut out[t * groups + g];
+            for b in 0..size {
+                let codes = &row[(first + b) * BLOCK..][..BLOCK];
+                for (e, &c) in codes.iter().enumerate() {
+                    group.steps[e / 4][4 * b + e % 4] = c;
+                }
+                group.correction[b] = -128 * codes.iter().map(|&c| c as i32).sum::<i32>();
+                group.scale[b] = q.scales[t * blocks_per_row + first + b];
             }
         }
     }
-    pairs
+    out
 }
 
 /// Requantizes bf16 weights `[rows, cols]` to 8 bits per value, one f32 scale per 32-block (the
@@ -260,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn weights_round_to_the_nearest_step_and_pairs_correct_the_offset() {
+    fn weights_round_to_the_nearest_step_and_groups_correct_the_offset() {
         let w: Vec<f32> = (0..96)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
             .collect();
@@ -275,15 +322,36 @@ mod tests {
             let back = (codes[i] as i32 - 128) as f32 * scales[i / 32];
             assert!((value - back).abs() <= scales[i / 32] * 0.5 * 1.0001, "{i}");
         }
+        // 3 blocks: a group of 2, then 1.
+        assert_eq!(weight_groups(3).collect::<Vec<_>>(), [(0, 2), (2, 1)]);
         let q = quantize(&w);
-        let pairs = to_pairs(&q, 96);
-        assert_eq!(pairs.len(), 2);
-        assert_eq!(pairs[1].codes[..32], q.codes[64..]);
-        assert!(pairs[1].codes[32..].iter().all(|&c| c == 0));
-        assert_eq!(pairs[1].scale[7], q.scales[2]);
-        assert_eq!(pairs[1].scale[8], 0.0);
-        let lane: i32 = q.codes[68..72].iter().map(|&c| c as i32).sum();
-        assert_eq!(pairs[1].correction[1], -128 * lane);
+        let groups = to_groups(&q, 96);
+        assert_eq!(groups.len(), 2);
+        // Step 1 of the first group: values 4..8 of block 0, then of block 1.
+        assert_eq!(groups[0].steps[1][..4], q.codes[4..8]);
+        assert_eq!(groups[0].steps[1][4..8], q.codes[36..40]);
+        assert!(groups[0].steps[1][8..].iter().all(|&c| c == 0));
+        assert_eq!(groups[1].scale[..2], [q.scales[2], 0.0]);
+        let block: i32 = q.codes[64..].iter().map(|&c| c as i32).sum();
+        assert_eq!(groups[1].correction[..2], [-128 * block, 0]);
+        let mut grouped = vec![0u8; 96];
+        group_row(&codes, &mut grouped);
+        assert_eq!(grouped[grouped_offset(2, 1, 5)], codes[32 + 5]);
+        assert_eq!(grouped[64..], codes[64..]);
+    }
+
+    #[test]
+    fn groups_of_a_row_are_whole_loads_that_cover_it() {
+        for blocks in [1, 3, 16, 90, 128, 127] {
+            let groups: Vec<_> = weight_groups(blocks).collect();
+            assert_eq!(groups.iter().map(|g| g.1).sum::<usize>(), blocks);
+            assert!(groups.iter().all(|g| [1, 2, 4, 8, 16].contains(&g.1)));
+            assert!(groups.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+        }
+        assert_eq!(
+            weight_groups(90).map(|g| g.1).collect::<Vec<_>>(),
+            [16, 16, 16, 16, 16, 8, 2]
+        );
     }
 
     #[test]

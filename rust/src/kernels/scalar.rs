@@ -1,6 +1,6 @@
 //! Portable reference kernels: straightforward, and the oracle for every SIMD kernel.
 
-use super::q8::{FP4_DOUBLED_PLUS_12, FP4_OFFSET};
+use super::q8::{self, FP4_DOUBLED_PLUS_12, FP4_OFFSET};
 
 /// FP4 E2M1 code → value (SPEC §3.1).
 pub const FP4_VALUES: [f32; 16] = [
@@ -116,8 +116,9 @@ fn dot_mxfp4_q8(codes: &[i8], act_scales: &[f32], blocks: &[u8], scales: &[u8]) 
     total
 }
 
-/// 8-bit weights (`codes` `[rows, cols]`, stored `+ 128`; `scales` `[rows, cols / 32]`) × 8-bit
-/// activations: per block an exact integer dot product times both scales.
+/// 8-bit weights (`codes` `[rows, cols]`, stored `+ 128` in the grouped order of
+/// [`q8::grouped_offset`]; `scales` `[rows, cols / 32]`) × 8-bit activations (natural order): per
+/// block an exact integer dot product times both scales.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_q8_q8(
     x_codes: &[i8],
@@ -128,22 +129,25 @@ pub fn matmul_q8_q8(
     cols: usize,
     out: &mut [f32],
 ) {
-    let rows = codes.chunks_exact(cols).zip(scales.chunks_exact(cols / 32));
+    let blocks = cols / 32;
+    let rows = codes.chunks_exact(cols).zip(scales.chunks_exact(blocks));
     for ((w, ws), out_row) in rows.zip(out.chunks_exact_mut(tokens)) {
         let activations = x_codes
             .chunks_exact(cols)
-            .zip(x_scales.chunks_exact(cols / 32));
+            .zip(x_scales.chunks_exact(blocks));
         for ((q, qs), o) in activations.zip(out_row) {
             let mut total = 0f32;
-            for (((w, &w_scale), q), &q_scale) in
-                w.chunks_exact(32).zip(ws).zip(q.chunks_exact(32)).zip(qs)
-            {
-                let dot: i32 = w
-                    .iter()
-                    .zip(q)
-                    .map(|(&w, &q)| (w as i32 - 128) * q as i32)
-                    .sum();
-                total += dot as f32 * q_scale * w_scale;
+            for (first, size) in q8::weight_groups(blocks) {
+                let group = &w[first * 32..(first + size) * 32];
+                for b in first..first + size {
+                    let dot: i32 = (0..32)
+                        .map(|e| {
+                            let w = group[q8::grouped_offset(size, b - first, e)];
+                            (w as i32 - 128) * q[b * 32 + e] as i32
+                        })
+                        .sum();
+                    total += dot as f32 * qs[b] * ws[b];
+                }
             }
             *o = total;
         }
