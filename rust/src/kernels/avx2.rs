@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::q8::{weight_groups, Q8Group, Q8Span, FP4_DOUBLED_PLUS_12};
-use super::{for_each_tile, MXFP4_BLOCK_BYTES};
+use super::{for_each_tile, prefetch, MXFP4_BLOCK_BYTES, TILE_ROWS};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]`, with `x` in [`super::unpack_order`] for 16-wide
 /// blocks (see the AVX-512 kernel).
@@ -40,10 +40,10 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
         let mut low = [_mm256_setzero_ps(); R];
         let mut high = [_mm256_setzero_ps(); R];
         for r in 0..R {
+            let at = (r0 + r) * cols + c;
+            prefetch(w.as_ptr() as *const u8, (at + TILE_ROWS * cols) * 2);
             // SAFETY: 16 weights of row r0 + r from column c < full <= cols.
-            let bits = unsafe {
-                _mm256_loadu_si256(w.as_ptr().add((r0 + r) * cols + c) as *const __m256i)
-            };
+            let bits = unsafe { _mm256_loadu_si256(w.as_ptr().add(at) as *const __m256i) };
             low[r] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
             high[r] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
         }
@@ -125,12 +125,12 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
         let mut wv = [[_mm256_setzero_ps(); 4]; R];
         for (r, wr) in wv.iter_mut().enumerate() {
             let row = r0 + r;
+            let at = (row * groups + g) * MXFP4_BLOCK_BYTES;
+            if g % 4 == 0 {
+                prefetch(blocks.as_ptr(), at + TILE_ROWS * groups * MXFP4_BLOCK_BYTES);
+            }
             // SAFETY: block g of `row` is 16 bytes inside `blocks`.
-            let bytes = unsafe {
-                _mm_loadu_si128(
-                    blocks.as_ptr().add((row * groups + g) * MXFP4_BLOCK_BYTES) as *const __m128i
-                )
-            };
+            let bytes = unsafe { _mm_loadu_si128(blocks.as_ptr().add(at) as *const __m128i) };
             let even = _mm_shuffle_epi8(lut, _mm_and_si128(bytes, mask));
             let odd = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
             let scale = _mm256_set1_ps(0.5 * super::scalar::e8m0_to_f32(scales[row * groups + g]));
@@ -252,12 +252,14 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
             let mut high = [_mm256_setzero_si256(); R];
             let mut weight_scale = [_mm256_setzero_ps(); R];
             for r in 0..R {
+                let at = ((r0 + r) * groups + pair * 2) * MXFP4_BLOCK_BYTES;
+                if pair % 2 == 0 {
+                    prefetch(blocks.as_ptr(), at + TILE_ROWS * groups * MXFP4_BLOCK_BYTES);
+                }
                 // SAFETY: blocks 2p and 2p + 1 of row r0 + r lie inside `blocks`; if 2p is the row's
                 // last block (`lone`), only its 16 bytes are read.
                 let codes = unsafe {
-                    let at = blocks
-                        .as_ptr()
-                        .add(((r0 + r) * groups + pair * 2) * MXFP4_BLOCK_BYTES);
+                    let at = blocks.as_ptr().add(at);
                     if lone {
                         _mm256_zextsi128_si256(_mm_loadu_si128(at as *const __m128i))
                     } else {
@@ -372,6 +374,9 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
                 let mut weights = [_mm256_setzero_si256(); R];
                 for r in 0..R {
                     let at = (r0 + r) * cols + first * 32 + 4 * size * step + 32 * half;
+                    if half == 0 {
+                        prefetch(codes.as_ptr(), at + TILE_ROWS * cols);
+                    }
                     // SAFETY: this half of step `step` of the group, `4 · lanes` codes of row
                     // r0 + r, lies inside `codes`.
                     let stored = unsafe { load_lanes(codes.as_ptr().add(at), lanes) };

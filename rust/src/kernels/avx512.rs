@@ -6,27 +6,10 @@
 
 use std::arch::x86_64::*;
 
-/// Rows a tile spans at most: the kernels prefetch each row at the same position `TILE_ROWS`
-/// rows below, which is the next tile's. Decoding spends enough instructions per byte that too
-/// few loads are in flight for the hardware prefetcher alone, and a fixed distance ahead within
-/// the row fell into rows the tile was already reading. Measured in one process alternating
-/// settings, decode GEMVs streaming from DRAM (2 threads) against a fixed 4096 (MXFP4, 8-bit) or
-/// 2048 (bf16) bytes ahead: MXFP4 exact +44 %, fast +20 %; bf16 exact +7 %, fast +12 %; 8-bit
-/// dense +22 %. Two tiles ahead measured the same as one.
-const TILE_ROWS: usize = 4;
-
-/// Hints the cache line at `base + offset` into L1. `wrapping_add` because the address may lie
-/// past the slice; a prefetch never faults.
-#[inline(always)]
-fn prefetch(base: *const u8, offset: usize) {
-    // SAFETY: prefetching is a hint that never faults, whatever the address.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(offset) as *const i8) }
-}
-
 use super::q8::{
     weight_groups, Q8Group, Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12, GROUP_TOKENS,
 };
-use super::{for_each_tile, MXFP4_BLOCK_BYTES};
+use super::{for_each_tile, prefetch, MXFP4_BLOCK_BYTES, TILE_ROWS};
 use crate::kernels::scalar::{bf16_to_f32, e8m0_to_f32, FP4_VALUES};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]` for the `out.len() / tokens` rows of `w`.

@@ -560,6 +560,28 @@ pub fn deinterleave_pairs(x: &[f32]) -> Vec<f32> {
     out
 }
 
+/// Rows a tile spans at most: the kernels prefetch each row at the same position `TILE_ROWS`
+/// rows below, which is the next tile's. Decoding spends enough instructions per byte that too
+/// few loads are in flight for the hardware prefetcher alone, and a fixed distance ahead within
+/// the row fell into rows the tile was already reading. Measured in one process alternating
+/// settings, decode GEMVs streaming from DRAM (2 threads) against a fixed 4096 (MXFP4, 8-bit) or
+/// 2048 (bf16) bytes ahead: MXFP4 exact +44 %, fast +20 %; bf16 exact +7 %, fast +12 %; 8-bit
+/// dense +22 %. Two tiles ahead measured the same as one.
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: usize = 4;
+
+/// Hints the cache line at `base + offset` into L1. `wrapping_add` because the address may lie
+/// past the slice; a prefetch never faults.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch(base: *const u8, offset: usize) {
+    // SAFETY: prefetching is a hint that never faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(offset) as *const i8)
+    }
+}
+
 /// Visits `out` (`[rows, tokens]`) in register tiles of up to 4 rows × 4 tokens, binding the tile's
 /// first row and token and its const sizes `R` and `T` for the body.
 macro_rules! for_each_tile {
