@@ -161,6 +161,8 @@ def test_bench_cli_json(tiny_dir: Path) -> None:
         data["bandwidth_gbs"] * 1e9 / data["bytes_per_token"]
     )
     assert data["roofline_pct"] == pytest.approx(100 * data["tg_tok_s"] / data["roofline_tok_s"])
+    # Measured around the one decode repetition.
+    assert data["bandwidth_gbs_runs"] == [data["bandwidth_gbs"]]
     # Depth 0, 4 tokens: positions 0..3 attend to 1..4 positions, 2.5 on average.
     tiny = synthetic.CONFIGS["tiny"]
     kv_per_position = 4 * tiny["num_key_value_heads"] * tiny["head_dim"] * 2 * 4  # 4 layers

@@ -8,9 +8,13 @@
 3. prefill: append ``pp`` random token ids at once to a fresh session (tokens per second);
 4. decode: fill a session with ``depth`` tokens (not timed), then append ``tg`` tokens one at a
    time (tokens per second at that depth);
-5. measure the machine's memory read bandwidth, and compare decoding against the *roofline*:
-   batch-1 decoding must stream every active weight once per token, so it cannot run faster than
-   ``bandwidth / bytes_per_token`` (:func:`decode_bytes_per_token`, computed from the config).
+5. compare decoding against the *roofline*: batch-1 decoding must stream every active weight once
+   per token, so it cannot run faster than ``bandwidth / bytes_per_token``
+   (:func:`decode_bytes_per_token`, computed from the config). The read bandwidth is measured
+   by reading weights that decoding reads (the unembedding) once before the first decoded token
+   and again after every ``BANDWIDTH_EVERY``, because a shared host's bandwidth drifts by tens of
+   percent from minute to minute: a ratio is only meaningful between figures measured
+   together.
 
 Token ids are random (seeded), so any checkpoint works, including the synthetic ones written by
 :mod:`gpt_oss_cpu.synthetic`; a random-weight model is exactly as fast as the real one.
@@ -56,9 +60,8 @@ __all__ = [
 
 #: Tokens of the warm-up forward pass (its time is reported as ``first_call_s``).
 WARMUP_TOKENS = 8
-#: Buffer size and passes of the memory bandwidth measurement.
-BANDWIDTH_BYTES = 1 << 30
-BANDWIDTH_REPEATS = 5
+#: Decoded tokens between two passes of the bandwidth measurement.
+BANDWIDTH_EVERY = 16
 #: The depth prefix is appended in chunks of this many tokens (bounds activation memory).
 DEPTH_CHUNK = 512
 
@@ -218,22 +221,22 @@ class BenchResult:
         load_s: ``Model.load`` wall time.
         first_call_s: wall time of the first forward pass (``WARMUP_TOKENS`` tokens), which pages
             the weights in.
-        bandwidth_gbs: measured memory read bandwidth, GB/s (1e9 bytes).
+        bandwidth_gbs: memory read bandwidth, GB/s (1e9 bytes): the median over the decode
+            repetitions of the mean of the read passes interleaved with each.
         pp, pp_tok_s: prompt length and prefill speed.
         tg, tg_tok_s, depth: decoded tokens, decode speed, tokens in the cache before decoding.
         bytes_per_token: :func:`decode_bytes_per_token` averaged over the decoded positions
             (``bytes_breakdown`` splits it by component).
         roofline_tok_s: ``bandwidth / bytes_per_token``; ``roofline_pct`` is
             ``100 * tg_tok_s / roofline_tok_s``.
-        peak_rss_bytes: peak resident memory of the process (mapped weights included), measured
-            before the bandwidth test's 1 GiB buffer.
+        peak_rss_bytes: peak resident memory of the process (mapped weights included).
         checkpoint_bytes: size of the ``*.safetensors`` files.
         isa, precision, dense, threads: kernel instruction set, activation precision, dense
             weight format and compute threads of the loaded model.
         model: the checkpoint directory.
         version: gpt-oss-cpu version of the extension.
         repetitions: how many times prefill and decode were measured.
-        pp_tok_s_runs, tg_tok_s_runs: the speed of each repetition.
+        pp_tok_s_runs, tg_tok_s_runs, bandwidth_gbs_runs: each repetition's figure.
     """
 
     load_s: float
@@ -258,6 +261,7 @@ class BenchResult:
     repetitions: int = 1
     pp_tok_s_runs: list[float] = field(default_factory=list)
     tg_tok_s_runs: list[float] = field(default_factory=list)
+    bandwidth_gbs_runs: list[float] = field(default_factory=list)
     bytes_breakdown: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,7 +284,6 @@ def run_benchmark(
     dense: Literal["bf16", "q8"] = "bf16",
     repetitions: int = 1,
     seed: int = 0,
-    bandwidth_bytes: int = BANDWIDTH_BYTES,
     log: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Loads ``model_dir`` and measures load, prefill, decode and the decode roofline.
@@ -293,7 +296,6 @@ def run_benchmark(
         threads, isa, precision, dense: passed to ``Model.load``.
         repetitions: prefill and decode are measured this many times; medians are reported.
         seed: seed of the random token ids.
-        bandwidth_bytes: buffer size of the bandwidth measurement.
         log: called with a short message before each step (progress on a terminal).
 
     Raises:
@@ -344,6 +346,7 @@ def run_benchmark(
             pp_runs.append(pp / (time.perf_counter() - t0))
 
     tg_runs: list[float] = []
+    bandwidth_runs: list[float] = []
     with model.session(max_context=depth + tg) as session:
         inner = session._session
         if depth:
@@ -355,14 +358,20 @@ def run_benchmark(
             say(f"decode {tg} tokens at depth {depth} ({rep + 1}/{repetitions})")
             inner.truncate(depth)
             steps = [np.array([t], dtype=np.int64) for t in random_ids(tg)]
-            t0 = time.perf_counter()
-            for step in steps:
-                inner.append(step, False)
-            tg_runs.append(tg / (time.perf_counter() - t0))
+            # One bandwidth pass before the first token and after every BANDWIDTH_EVERY: the
+            # same minutes' conditions as the decoding, whose time excludes the passes.
+            passes = [model._engine.measure_read_bandwidth(1)]
+            decoding_s = 0.0
+            for first in range(0, tg, BANDWIDTH_EVERY):
+                t0 = time.perf_counter()
+                for step in steps[first : first + BANDWIDTH_EVERY]:
+                    inner.append(step, False)
+                decoding_s += time.perf_counter() - t0
+                passes.append(model._engine.measure_read_bandwidth(1))
+            tg_runs.append(tg / decoding_s)
+            bandwidth_runs.append(statistics.fmean(passes))
 
-    peak_rss = peak_rss_bytes()  # before the bandwidth buffer inflates it
-    say("memory bandwidth")
-    bandwidth = _core.measure_read_bandwidth(bandwidth_bytes, model.threads, BANDWIDTH_REPEATS)
+    peak_rss = peak_rss_bytes()
 
     # Decoding runs at positions depth .. depth + tg - 1: average the KV bytes over them (the
     # weights are the same for every token).
@@ -371,6 +380,7 @@ def run_benchmark(
     breakdown["kv_cache"] = round(statistics.fmean(p["kv_cache"] for p in positions))
     bytes_per_token = sum(breakdown.values())
     tg_tok_s = statistics.median(tg_runs)
+    bandwidth = statistics.median(bandwidth_runs)
     roofline_tok_s = bandwidth / bytes_per_token
     return BenchResult(
         load_s=load_s,
@@ -395,6 +405,7 @@ def run_benchmark(
         repetitions=repetitions,
         pp_tok_s_runs=pp_runs,
         tg_tok_s_runs=tg_runs,
+        bandwidth_gbs_runs=[b / 1e9 for b in bandwidth_runs],
         bytes_breakdown=breakdown,
     )
 
@@ -429,7 +440,10 @@ def format_table(result: BenchResult) -> str:
             f"decode tg{r.tg} @ depth {r.depth}",
             f"{r.tg_tok_s:.2f} tok/s ({1000 / r.tg_tok_s:.1f} ms/token){runs(r.tg_tok_s_runs)}",
         ),
-        ("memory bandwidth", f"{r.bandwidth_gbs:.2f} GB/s (read, {threads})"),
+        (
+            "memory bandwidth",
+            f"{r.bandwidth_gbs:.2f} GB/s (read, {threads}){runs(r.bandwidth_gbs_runs)}",
+        ),
         (
             "bytes per token",
             f"{r.bytes_per_token / 1e9:.4f} GB (weights {weights / 1e9:.4f} GB, "

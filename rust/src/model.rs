@@ -142,6 +142,20 @@ impl Model {
         self.pool.current_num_threads()
     }
 
+    /// Read bandwidth in bytes per second (best of `repeats`) over the unembedding weights in the
+    /// format the kernels read, on this model's threads: memory that every decoded token
+    /// streams, in the same state (mapped, resident once a token has been decoded), and no
+    /// buffer of its own to inflate the process's peak memory.
+    pub fn measure_read_bandwidth(&self, repeats: usize) -> f64 {
+        let bytes: &[u8] = match self.weights.unembedding_matrix() {
+            WeightMatrix::Bf16(w) => bytemuck::cast_slice(w),
+            WeightMatrix::Q8 { codes, .. } => codes,
+            WeightMatrix::Mxfp4 { blocks, .. } => blocks,
+        };
+        self.pool
+            .install(|| crate::bandwidth::best_read_bandwidth(bytes, repeats))
+    }
+
     /// Logits `[T, vocab]` of `tokens` placed at positions `start_position..`, with no cache kept.
     pub fn forward(&self, tokens: &[u32], start_position: usize) -> Result<Vec<f32>> {
         self.check_positions(start_position, tokens.len())?;

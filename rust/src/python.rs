@@ -343,6 +343,13 @@ impl PyEngine {
         self.model.isa.name()
     }
 
+    /// Read bandwidth (bytes/s, best of `repeats`) over the unembedding weights, on the model's
+    /// threads (see `Model::measure_read_bandwidth`).
+    #[pyo3(signature = (repeats=3))]
+    fn measure_read_bandwidth(&self, py: Python<'_>, repeats: usize) -> f64 {
+        py.detach(|| self.model.measure_read_bandwidth(repeats))
+    }
+
     #[getter]
     fn precision(&self) -> &'static str {
         self.model.precision.name()
