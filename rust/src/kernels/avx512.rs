@@ -305,6 +305,7 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
     for quad in (0..groups).step_by(16) {
         let mut row_scales = [_mm512_setzero_ps(); R];
         for r in 0..R {
+            prefetch(scales.as_ptr(), (r0 + r + TILE_ROWS) * groups + quad);
             // SAFETY: blocks quad.. of row r0 + r have min(16, groups - quad) scales.
             row_scales[r] = unsafe {
                 block_scales(
@@ -703,6 +704,8 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
         }
         let mut weight_scale = [_mm512_setzero_ps(); R];
         for r in 0..R {
+            let at = (r0 + r + TILE_ROWS) * blocks + first;
+            prefetch(scales.as_ptr() as *const u8, 4 * at);
             // SAFETY: the group's `size` scales of row r0 + r lie inside `scales`.
             weight_scale[r] = _mm512_castsi512_ps(unsafe {
                 load_lanes(
