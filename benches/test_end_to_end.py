@@ -116,7 +116,7 @@ def test_decode(benchmark: Any, model: gpt_oss_cpu.Model) -> None:
         position = benchmark.pedantic(decode, setup=setup, rounds=DECODE_ROUNDS, warmup_rounds=1)
         assert position == DECODE_DEPTH + 1
     config = synthetic.resolve_config(CONFIG)
-    per_token = bench.decode_bytes_per_token(config, DECODE_DEPTH, model.dense)
+    per_token = bench.decode_bytes_per_token(config, DECODE_DEPTH, model.dense, model.kv_cache)
     benchmark.extra_info["isa"] = model.isa
     benchmark.extra_info["threads"] = model.threads
     benchmark.extra_info["bytes_per_token"] = per_token

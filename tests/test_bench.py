@@ -28,6 +28,7 @@ STABLE_KEYS = {
     "isa",
     "precision",
     "dense",
+    "kv_cache",
     "threads",
     "model",
 }
@@ -83,8 +84,13 @@ def test_decode_bytes_kv_grows_with_depth_until_the_window() -> None:
     expected_kv = (12 * 4097 + 12 * 128) * KV_PER_POSITION_20B
     weights = base - 24 * KV_PER_POSITION_20B
     assert bench.decode_bytes_per_token(cfg, 4096) == weights + expected_kv
+    # A bf16 cache: half the KV bytes, the same weights.
+    bf16 = bench.decode_bytes_per_token(cfg, 4096, kv_cache="bf16")
+    assert bf16 == weights + expected_kv // 2
     with pytest.raises(ValueError):
         bench.decode_bytes_per_token(cfg, -1)
+    with pytest.raises(ValueError):
+        bench.decode_bytes_per_token(cfg, 0, kv_cache="fp8")
 
 
 def test_decode_bytes_accepts_the_engine_config(tmp_path: Path) -> None:
@@ -174,17 +180,18 @@ def test_bench_cli_json(tiny_dir: Path) -> None:
     import gpt_oss_cpu
 
     assert data["isa"] in gpt_oss_cpu.build_info()["supported_isas"]
-    assert (data["precision"], data["dense"]) == ("exact", "bf16")
+    assert (data["precision"], data["dense"], data["kv_cache"]) == ("exact", "bf16", "f32")
     assert data["threads"] >= 1
 
 
 def test_bench_cli_table_and_options(tiny_dir: Path) -> None:
     args = ["bench", "--model", str(tiny_dir), "--pp", "8", "--tg", "3", "--depth", "130"]
     options = ("--threads", "1", "--isa", "scalar", "--precision", "fast", "--dense", "q8")
+    options += ("--kv-cache", "bf16")
     result = run_cli(*args, *options, "--repetitions", "2")
     assert result.returncode == 0, result.stderr
     table = result.stdout
-    build = "isa scalar, fast precision, q8 dense, 1 thread\n"
+    build = "isa scalar, fast precision, q8 dense, bf16 KV cache, 1 thread\n"
     for needle in ("prefill pp8", "decode tg3 @ depth 130", build, "roofline"):
         assert needle in table, table
     assert run_cli("bench", "--model", str(tiny_dir / "missing")).returncode == 2

@@ -536,3 +536,27 @@ def test_fast_precision_is_at_least_as_accurate_as_the_reference_bf16_path(
     assert agree >= bf16["argmax_agree"], f"argmax agrees at {agree}, bf16 reference at {bf16}"
     exact = gpt_oss_cpu.Model.load(str(model_dir), isa=isa).forward(ref["input_ids"])
     assert max_abs_diff(got, exact) > 1e-3, "the fast path computed the exact logits"
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_bf16_kv_cache_is_at_least_as_accurate_as_the_reference_bf16_path(
+    model_dir: Path, ref, isa: str, precision: str, model_name: str, report: Report
+) -> None:
+    """kv_cache="bf16" rounds the cached keys and values (as OpenAI's bf16 path keeps them): held
+    to that path's error and argmax agreement, like the fast path, and really rounded."""
+    if isa not in gpt_oss_cpu.build_info()["supported_isas"]:
+        pytest.skip(f"this CPU does not support {isa}")
+    import json
+
+    bf16 = json.loads((model_dir / "crosscheck_openai.json").read_text())["bfloat16-native"]
+    model = gpt_oss_cpu.Model.load(str(model_dir), isa=isa, precision=precision, kv_cache="bf16")
+    got = model.forward(ref["input_ids"])
+    want = ref["logits"]
+    diff = max_abs_diff(got, want)
+    agree = int((got.argmax(-1) == want.argmax(-1)).sum())
+    report(model_name, f"{precision} kv_cache=bf16 isa={isa} logits", diff, bf16["max_abs"])
+    assert diff <= bf16["max_abs"], f"max |diff| {diff:.3f} > bf16 reference {bf16['max_abs']:.3f}"
+    assert agree >= bf16["argmax_agree"], f"argmax agrees at {agree}, bf16 reference at {bf16}"
+    f32 = gpt_oss_cpu.Model.load(str(model_dir), isa=isa, precision=precision)
+    assert max_abs_diff(got, f32.forward(ref["input_ids"])) > 1e-3, "nothing was rounded"

@@ -90,3 +90,25 @@ def test_corrupt_files_raise_input_error(model, ids, tmp_path, corrupt) -> None:
 def test_missing_file(model, tmp_path) -> None:
     with pytest.raises(InputError, match=r"missing\.kv"):
         Session.load(model, tmp_path / "missing.kv")
+
+
+def test_a_bf16_cache_resumes_exactly_and_an_f32_model_refuses_it(ids, tmp_path) -> None:
+    path = tmp_path / "s.kv"
+    bf16 = Model.load(DATA / "tiny-a", kv_cache="bf16")
+    assert bf16.kv_cache == "bf16"
+    with bf16.session(max_context=1400) as session:
+        session.append(ids[:1300])  # past the sliding-window ring
+        session.save(path)
+        want = session.append(ids[1300:1310])
+        # Half the bytes of an f32 cache for the same tokens.
+        with Model.load(DATA / "tiny-a").session(max_context=1400) as f32:
+            f32.append(ids[:1300])
+            assert 2 * session.cache_bytes == f32.cache_bytes
+    with Session.load(bf16, path) as resumed:
+        np.testing.assert_array_equal(resumed.append(ids[1300:1310]), want)
+    with pytest.raises(
+        InputError, match="keys and values stored as bf16, this model's cache holds f32"
+    ):
+        Session.load(Model.load(DATA / "tiny-a"), path)
+    with pytest.raises(InputError, match="kv_cache"):
+        Model.load(DATA / "tiny-a", kv_cache="f16")  # type: ignore[arg-type]

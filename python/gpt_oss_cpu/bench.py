@@ -66,7 +66,7 @@ BANDWIDTH_EVERY = 16
 DEPTH_CHUNK = 512
 
 _BF16 = 2  # bytes per bf16 parameter
-_KV_ITEM = 4  # the KV cache holds float32 keys and values
+_KV_ITEM = 4  # float32 cached keys and values (the default kv_cache)
 
 
 # ------------------------------------------------------------------------- bytes per token
@@ -79,14 +79,18 @@ def _get(config: Config | Mapping[str, Any], key: str) -> Any:
 
 
 def decode_bytes_breakdown(
-    config: Config | Mapping[str, Any], depth: int, dense: str = "bf16"
+    config: Config | Mapping[str, Any],
+    depth: int,
+    dense: str = "bf16",
+    kv_cache: str = "f32",
 ) -> dict[str, int]:
     """Bytes one decoded token reads, by component (see :func:`decode_bytes_per_token`).
 
     Keys: ``attention`` (q/k/v/o weights and biases, sinks), ``router``, ``experts`` (the top-k
     experts' MXFP4 blocks, scales and bf16 biases), ``norms``, ``unembedding``, ``embedding``
     (one row) and ``kv_cache``. With ``dense="q8"`` the attention and unembedding matrices count
-    36 bytes per 32 weights (8-bit codes and an f32 scale) instead of 64.
+    36 bytes per 32 weights (8-bit codes and an f32 scale) instead of 64; with
+    ``kv_cache="bf16"`` the cached keys and values count 2 bytes each instead of 4.
 
     Example:
         >>> parts = decode_bytes_breakdown(synthetic.CONFIGS["20b"], depth=0)
@@ -97,6 +101,8 @@ def decode_bytes_breakdown(
         raise ValueError(f"depth must be >= 0, got {depth}")
     if dense not in ("bf16", "q8"):
         raise ValueError(f"dense must be 'bf16' or 'q8', got {dense!r}")
+    if kv_cache not in ("f32", "bf16"):
+        raise ValueError(f"kv_cache must be 'f32' or 'bf16', got {kv_cache!r}")
     hidden = int(_get(config, "hidden_size"))
     inter = int(_get(config, "intermediate_size"))
     head_dim = int(_get(config, "head_dim"))
@@ -129,7 +135,8 @@ def decode_bytes_breakdown(
     # The token being decoded attends to every cached position and to itself; a sliding layer
     # sees the last `window` positions including itself (SPEC §4.3.4).
     attended = depth + 1
-    kv_position_bytes = _KV_ITEM * kv_width * 2  # K and V
+    kv_item = _KV_ITEM if kv_cache == "f32" else _BF16
+    kv_position_bytes = kv_item * kv_width * 2  # K and V
     kv_bytes = sum(
         kv_position_bytes * (min(attended, window) if kind == "sliding_attention" else attended)
         for kind in layer_types
@@ -146,7 +153,10 @@ def decode_bytes_breakdown(
 
 
 def decode_bytes_per_token(
-    config: Config | Mapping[str, Any], depth: int, dense: str = "bf16"
+    config: Config | Mapping[str, Any],
+    depth: int,
+    dense: str = "bf16",
+    kv_cache: str = "f32",
 ) -> int:
     """Bytes of weights and KV cache that decoding one token reads, computed from the config.
 
@@ -155,19 +165,21 @@ def decode_bytes_per_token(
     per layer the attention weights and biases (q, k, v, o; bf16) and sinks, the router, the
     ``num_experts_per_tok`` chosen experts in MXFP4 (blocks, scales, bf16 biases), the two
     RMSNorm scales; then the final norm, the unembedding (``vocab x hidden`` bf16) and one
-    embedding row. The KV cache adds float32 K and V for every position the new token attends
-    to: ``depth`` cached positions plus itself, at most ``sliding_window`` in sliding layers.
+    embedding row. The KV cache adds K and V (float32, or bf16 with ``kv_cache="bf16"``) for every
+    position the new token attends to: ``depth`` cached positions plus itself, at most
+    ``sliding_window`` in sliding layers.
 
     Args:
         config: a :class:`gpt_oss_cpu.Config` or a ``config.json`` dict (Hugging Face keys).
         depth: tokens already in the cache when the token is decoded.
         dense: the format of the attention and unembedding matrices (``"bf16"`` or ``"q8"``).
+        kv_cache: the element type of the cached keys and values (``"f32"`` or ``"bf16"``).
 
     Example:
         >>> decode_bytes_per_token(synthetic.CONFIGS["20b"], depth=0)    # ~3.71 GB
         3708187392
     """
-    return sum(decode_bytes_breakdown(config, depth, dense).values())
+    return sum(decode_bytes_breakdown(config, depth, dense, kv_cache).values())
 
 
 # ------------------------------------------------------------------------------- checkpoint
@@ -231,8 +243,8 @@ class BenchResult:
             ``100 * tg_tok_s / roofline_tok_s``.
         peak_rss_bytes: peak resident memory of the process (mapped weights included).
         checkpoint_bytes: size of the ``*.safetensors`` files.
-        isa, precision, dense, threads: kernel instruction set, activation precision, dense
-            weight format and compute threads of the loaded model.
+        isa, precision, dense, kv_cache, threads: kernel instruction set, activation precision,
+            dense weight format, KV cache element type and compute threads of the loaded model.
         model: the checkpoint directory.
         version: gpt-oss-cpu version of the extension.
         repetitions: how many times prefill and decode were measured.
@@ -255,6 +267,7 @@ class BenchResult:
     isa: str
     threads: int
     precision: str
+    kv_cache: str
     dense: str
     model: str
     version: str = "unknown"
@@ -282,6 +295,7 @@ def run_benchmark(
     isa: Literal["scalar", "avx2", "avx512"] | None = None,
     precision: Literal["exact", "fast"] = "exact",
     dense: Literal["bf16", "q8"] = "bf16",
+    kv_cache: Literal["f32", "bf16"] = "f32",
     repetitions: int = 1,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
@@ -293,7 +307,7 @@ def run_benchmark(
         pp: prompt tokens appended at once for the prefill measurement.
         tg: tokens decoded one at a time.
         depth: tokens in the cache before decoding starts (filled untimed).
-        threads, isa, precision, dense: passed to ``Model.load``.
+        threads, isa, precision, dense, kv_cache: passed to ``Model.load``.
         repetitions: prefill and decode are measured this many times; medians are reported.
         seed: seed of the random token ids.
         log: called with a short message before each step (progress on a terminal).
@@ -318,7 +332,9 @@ def run_benchmark(
 
     say("loading")
     t0 = time.perf_counter()
-    model = Model.load(model_dir, threads=threads, isa=isa, precision=precision, dense=dense)
+    model = Model.load(
+        model_dir, threads=threads, isa=isa, precision=precision, dense=dense, kv_cache=kv_cache
+    )
     load_s = time.perf_counter() - t0
     config = model.config
     vocab = int(config.vocab_size)
@@ -375,7 +391,9 @@ def run_benchmark(
 
     # Decoding runs at positions depth .. depth + tg - 1: average the KV bytes over them (the
     # weights are the same for every token).
-    positions = [decode_bytes_breakdown(config, depth + i, model.dense) for i in range(tg)]
+    positions = [
+        decode_bytes_breakdown(config, depth + i, model.dense, model.kv_cache) for i in range(tg)
+    ]
     breakdown = dict(positions[0])
     breakdown["kv_cache"] = round(statistics.fmean(p["kv_cache"] for p in positions))
     bytes_per_token = sum(breakdown.values())
@@ -398,6 +416,7 @@ def run_benchmark(
         checkpoint_bytes=_checkpoint_file_bytes(model.path),
         isa=model.isa,
         precision=model.precision,
+        kv_cache=model.kv_cache,
         dense=model.dense,
         threads=model.threads,
         model=str(model.path),
@@ -431,7 +450,7 @@ def format_table(result: BenchResult) -> str:
         (
             "build",
             f"gpt-oss-cpu {r.version}, isa {r.isa}, {r.precision} precision, "
-            f"{r.dense} dense, {threads}",
+            f"{r.dense} dense, {r.kv_cache} KV cache, {threads}",
         ),
         ("load", f"{r.load_s:.3f} s"),
         ("first call", f"{r.first_call_s:.3f} s ({WARMUP_TOKENS} tokens)"),

@@ -265,6 +265,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         isa=args.isa,
         precision=args.precision,
         dense=args.dense,
+        kv_cache=args.kv_cache,
         repetitions=args.repetitions,
         log=log,
     )
@@ -544,11 +545,13 @@ def _load_model(model_dir: Path, args: argparse.Namespace) -> Model:
         isa=args.isa,
         precision=args.precision,
         dense=args.dense,
+        kv_cache=args.kv_cache,
     )
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    """``--threads``, ``--isa``, ``--precision`` and ``--dense``, as ``Model.load`` takes them."""
+    """``--threads``, ``--isa``, ``--precision``, ``--dense`` and ``--kv-cache``, as
+    ``Model.load`` takes them."""
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
     p.add_argument(
         "--isa",
@@ -569,6 +572,13 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         default="bf16",
         help="attention and unembedding weights: bf16 as in the checkpoint (default), or "
         "requantized to 8 bits at load (needs --precision fast)",
+    )
+    p.add_argument(
+        "--kv-cache",
+        choices=("f32", "bf16"),
+        default="f32",
+        help="element type of the cached keys and values: f32 (default), or bf16 (half the "
+        "memory and half the bytes read per token at long context, approximate)",
     )
 
 

@@ -34,9 +34,9 @@ pub fn try_with_capacity<T>(len: usize, what: &str) -> Result<Vec<T>> {
 }
 
 /// As [`try_with_capacity`], filled with `len` zeros.
-pub fn try_zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
+pub fn try_zeroed<T: Clone + Default>(len: usize, what: &str) -> Result<Vec<T>> {
     let mut buffer = try_with_capacity(len, what)?;
-    buffer.resize(len, 0.0);
+    buffer.resize(len, T::default());
     Ok(buffer)
 }
 

@@ -8,9 +8,9 @@ use rayon::prelude::*;
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{try_with_capacity, Error, Result};
-use crate::kernels::attention::{self, Query};
+use crate::kernels::attention::{self, KvElement, Query};
 use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, Precision, WeightMatrix};
-use crate::kv_cache::{KvCache, LayerCache};
+use crate::kv_cache::{KvCache, KvFormat, LayerCache, Layers};
 use crate::weights::{DenseFormat, LayerWeights, Linear, Mxfp4Experts, Weights};
 
 /// Tokens per forward chunk: bounds activation memory for long prompts.
@@ -33,6 +33,8 @@ pub struct Model {
     pub precision: Precision,
     /// The format the attention and unembedding matrices are read in.
     pub dense: DenseFormat,
+    /// The element type of the sessions' keys and values.
+    pub kv_cache: KvFormat,
     /// Identifies the weights, so a saved session is only resumed with the model that made it.
     pub fingerprint: u64,
     weights: Weights,
@@ -59,16 +61,29 @@ pub struct Trace {
     pub layer_outputs: Vec<Vec<f32>>,
 }
 
+/// How [`Model::load`] sets up a model.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Compute threads; `None`: one per physical core ([`default_threads`]).
+    pub threads: Option<usize>,
+    /// Kernel instruction set; `None`: the best this CPU supports (or `GPT_OSS_CPU_ISA`).
+    pub isa: Option<Isa>,
+    pub precision: Precision,
+    pub dense: DenseFormat,
+    /// Element type of the sessions' keys and values.
+    pub kv_cache: KvFormat,
+}
+
 impl Model {
     /// Maps a checkpoint directory (Hugging Face or `original/` layout) and checks every tensor.
-    /// `isa` defaults to the best this CPU supports (or `GPT_OSS_CPU_ISA`).
-    pub fn load(
-        dir: &Path,
-        threads: Option<usize>,
-        isa: Option<Isa>,
-        precision: Precision,
-        dense: DenseFormat,
-    ) -> Result<Model> {
+    pub fn load(dir: &Path, options: LoadOptions) -> Result<Model> {
+        let LoadOptions {
+            threads,
+            isa,
+            precision,
+            dense,
+            kv_cache,
+        } = options;
         if dense == DenseFormat::Q8 && precision == Precision::Exact {
             return Err(Error::Input(
                 "dense=\"q8\" rounds the weights and quantizes the activations: it needs \
@@ -133,6 +148,7 @@ impl Model {
             isa,
             precision,
             dense,
+            kv_cache,
             weights,
             pool,
         })
@@ -156,17 +172,23 @@ impl Model {
             .install(|| crate::bandwidth::best_read_bandwidth(bytes, repeats))
     }
 
+    /// An empty cache for `max_context` positions from `position_offset` on, in this model's
+    /// element type.
+    pub fn new_cache(&self, max_context: usize, position_offset: usize) -> Result<KvCache> {
+        KvCache::new(&self.config, max_context, position_offset, self.kv_cache)
+    }
+
     /// Logits `[T, vocab]` of `tokens` placed at positions `start_position..`, with no cache kept.
     pub fn forward(&self, tokens: &[u32], start_position: usize) -> Result<Vec<f32>> {
         self.check_positions(start_position, tokens.len())?;
-        let mut cache = KvCache::new(&self.config, tokens.len(), start_position)?;
+        let mut cache = self.new_cache(tokens.len(), start_position)?;
         self.extend(&mut cache, tokens, LogitRows::All, None)
     }
 
     /// As [`Model::forward`], also recording router choices and per-layer outputs.
     pub fn trace(&self, tokens: &[u32], start_position: usize) -> Result<(Vec<f32>, Trace)> {
         self.check_positions(start_position, tokens.len())?;
-        let mut cache = KvCache::new(&self.config, tokens.len(), start_position)?;
+        let mut cache = self.new_cache(tokens.len(), start_position)?;
         let layers = self.config.num_hidden_layers;
         let mut trace = Trace {
             topk_idx: vec![Vec::new(); layers],
@@ -272,7 +294,14 @@ impl Model {
         }
         for (l, layer) in self.weights.layers.iter().enumerate() {
             let window = c.is_sliding(l).then_some(c.sliding_window);
-            self.attention_block(layer, &mut x, &rope, &mut cache.layers[l], first, window);
+            match &mut cache.layers {
+                Layers::F32(caches) => {
+                    self.attention_block(layer, &mut x, &rope, &mut caches[l], first, window)
+                }
+                Layers::Bf16(caches) => {
+                    self.attention_block(layer, &mut x, &rope, &mut caches[l], first, window)
+                }
+            }
             let routes = self.moe_block(layer, &mut x);
             if let Some(trace) = trace.as_deref_mut() {
                 trace.topk_idx[l].extend(
@@ -307,12 +336,12 @@ impl Model {
     }
 
     /// SPEC §4.3: x += o_proj(attention(rope(q), rope(k), v)) over the cache and this chunk.
-    fn attention_block(
+    fn attention_block<E: KvElement>(
         &self,
         layer: &LayerWeights,
         x: &mut [f32],
         rope: &RopeTables,
-        cache: &mut LayerCache,
+        cache: &mut LayerCache<E>,
         first: usize,
         window: Option<usize>,
     ) {
@@ -574,10 +603,10 @@ struct Heads {
 /// the current one (SPEC §4.3.4), for the chunk of positions `first..` already in `cache`. One task
 /// per (token, KV head).
 #[allow(clippy::too_many_arguments)]
-fn attend(
+fn attend<E: KvElement>(
     isa: Isa,
     q: &[f32],
-    cache: &LayerCache,
+    cache: &LayerCache<E>,
     first: usize,
     sinks: &[f32],
     heads: Heads,

@@ -13,7 +13,8 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 use crate::config::{AttentionKind, Config, Layout};
 use crate::error::Error;
 use crate::kernels::{self, Isa, Matmul, Precision, WeightMatrix};
-use crate::model::Model;
+use crate::kv_cache::KvFormat;
+use crate::model::{LoadOptions, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::session::Session;
 use crate::weights::DenseFormat;
@@ -292,7 +293,7 @@ struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (path, threads=None, isa=None, precision="exact", dense="bf16"))]
+    #[pyo3(signature = (path, threads=None, isa=None, precision="exact", dense="bf16", kv_cache="f32"))]
     fn load(
         py: Python<'_>,
         path: PathBuf,
@@ -300,13 +301,19 @@ impl PyEngine {
         isa: Option<&str>,
         precision: &str,
         dense: &str,
+        kv_cache: &str,
     ) -> PyResult<PyEngine> {
-        let isa = isa.map(|name| parse_isa(py, Some(name))).transpose()?;
-        let precision = parse_precision(py, precision)?;
-        let dense =
-            DenseFormat::from_name(dense).map_err(|e| input_error(py, format!("dense: {e}")))?;
+        let options = LoadOptions {
+            threads,
+            isa: isa.map(|name| parse_isa(py, Some(name))).transpose()?,
+            precision: parse_precision(py, precision)?,
+            dense: DenseFormat::from_name(dense)
+                .map_err(|e| input_error(py, format!("dense: {e}")))?,
+            kv_cache: KvFormat::from_name(kv_cache)
+                .map_err(|e| input_error(py, format!("kv_cache: {e}")))?,
+        };
         let model = py
-            .detach(|| Model::load(&path, threads, isa, precision, dense))
+            .detach(|| Model::load(&path, options))
             .map_err(|e| to_py_err(py, e))?;
         Ok(PyEngine {
             model: Arc::new(model),
@@ -341,6 +348,11 @@ impl PyEngine {
     #[getter]
     fn isa(&self) -> &'static str {
         self.model.isa.name()
+    }
+
+    #[getter]
+    fn kv_cache(&self) -> &'static str {
+        self.model.kv_cache.name()
     }
 
     /// Read bandwidth (bytes/s, best of `repeats`) over the unembedding weights, on the model's

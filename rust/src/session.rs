@@ -21,7 +21,7 @@ impl Session {
             return Err(Error::Input("max_context must be at least 1".into()));
         }
         model.check_positions(0, max_context)?;
-        let cache = KvCache::new(&model.config, max_context, 0)?;
+        let cache = model.new_cache(max_context, 0)?;
         Ok(Session {
             model,
             cache,
@@ -104,7 +104,8 @@ impl Session {
             "max_context": self.cache.max_context,
             "tokens": self.cache.tokens(),
             "ring_valid_from": self.cache.ring_valid_from(),
-            "layer_values": layers.iter().map(|(k, _)| k.len()).collect::<Vec<_>>(),
+            "kv": self.cache.format().name(),
+            "layer_values": layers.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
             "logits": self.last_logits.as_ref().map_or(0, Vec::len),
         })
         .to_string();
@@ -117,12 +118,12 @@ impl Session {
             .map_err(io)?;
         out.write_all(header.as_bytes()).map_err(io)?;
         let last_logits = self.last_logits.as_deref().unwrap_or_default();
-        for values in layers
+        for bytes in layers
             .iter()
-            .flat_map(|(k, v)| [*k, *v])
-            .chain([last_logits])
+            .flat_map(|(_, k, v)| [*k, *v])
+            .chain([bytemuck::cast_slice(last_logits)])
         {
-            out.write_all(bytemuck::cast_slice(values)).map_err(io)?;
+            out.write_all(bytes).map_err(io)?;
         }
         out.flush().map_err(io)
     }
@@ -172,21 +173,26 @@ impl Session {
             )));
         }
         let mut session = Session::new(model, header.max_context)?;
-        let mut read = |n: usize| -> Result<Vec<f32>> {
-            let mut values = crate::error::try_zeroed(n, "session file")?;
-            file.read_exact(bytemuck::cast_slice_mut(&mut values))
-                .map_err(|e| bad(format!("truncated data: {e}")))?;
-            Ok(values)
-        };
-        let mut layers = Vec::with_capacity(header.layer_values.len());
-        for &n in &header.layer_values {
-            layers.push((read(n)?, read(n)?));
+        let format = session.cache.format().name();
+        if header.kv != format {
+            return Err(bad(format!(
+                "keys and values stored as {}, this model's cache holds {format}",
+                header.kv
+            )));
         }
-        let logits = read(header.logits)?;
         session
             .cache
-            .restore(header.tokens, header.ring_valid_from, layers)
+            .check_restore(header.tokens.len(), &header.layer_values)
             .map_err(bad)?;
+        let mut read = |bytes: &mut [u8]| -> Result<()> {
+            file.read_exact(bytes)
+                .map_err(|e| bad(format!("truncated data: {e}")))
+        };
+        session
+            .cache
+            .restore(header.tokens, header.ring_valid_from, &mut read)?;
+        let mut logits: Vec<f32> = crate::error::try_zeroed(header.logits, "session file")?;
+        read(bytemuck::cast_slice_mut(&mut logits))?;
         if !logits.is_empty() {
             if logits.len() != session.model.config.vocab_size {
                 return Err(bad(format!(
@@ -202,7 +208,8 @@ impl Session {
 
 const SESSION_MAGIC: &[u8; 8] = b"GOCPUKV\0";
 /// 2: keys and values stored in blocks of 64 positions (version 1 files would load misread).
-const SESSION_FORMAT: u32 = 2;
+/// 3: the element type of the keys and values is recorded (`kv`), bf16 with fast precision.
+const SESSION_FORMAT: u32 = 3;
 
 #[derive(serde::Deserialize)]
 struct SessionHeader {
@@ -213,6 +220,7 @@ struct SessionHeader {
     max_context: usize,
     tokens: Vec<u32>,
     ring_valid_from: usize,
+    kv: String,
     layer_values: Vec<usize>,
     logits: usize,
 }

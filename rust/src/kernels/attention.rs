@@ -20,14 +20,52 @@ pub const KEY_BLOCK: usize = 64;
 /// gpt-oss's head size, for which the weighted sum of values keeps a head in registers.
 const GPT_OSS_HEAD_DIM: usize = 64;
 
+/// How the cache stores one key or value element: f32 (exact), or bf16 (`precision="fast"`, half
+/// the bytes to stream at long context). Attention widens each element to f32 as it reads it.
+pub trait KvElement: Copy + Default + Send + Sync + bytemuck::Pod + 'static {
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl KvElement for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+/// bf16 bits: the top half of an f32, so widening is a shift that vectorises.
+#[derive(Clone, Copy, Default, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl KvElement for Bf16 {
+    /// Rounded to nearest, ties to even.
+    #[inline(always)]
+    fn from_f32(x: f32) -> Bf16 {
+        Bf16(half::bf16::from_f32(x).to_bits())
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+}
+
 /// Where the keys and values of positions `0..` come from, in blocks of positions
 /// `block·KEY_BLOCK..(block + 1)·KEY_BLOCK`. Either slice holds each KV head's part contiguously,
 /// so the part of KV head g starts at `g·head_dim·KEY_BLOCK`.
 pub trait KeyValues: Sync {
+    type Element: KvElement;
     /// The block's keys, transposed: `[kv_heads, head_dim, KEY_BLOCK]`.
-    fn key_block(&self, block: usize) -> &[f32];
+    fn key_block(&self, block: usize) -> &[Self::Element];
     /// The block's values: `[kv_heads, KEY_BLOCK, head_dim]`.
-    fn value_block(&self, block: usize) -> &[f32];
+    fn value_block(&self, block: usize) -> &[Self::Element];
 }
 
 /// The query heads of one GQA group at one position.
@@ -104,17 +142,26 @@ fn attend_generic<'a, S: KeyValues>(
         scores.resize(needed, 0.0);
     }
     let (scores, inv_denominator) = scores[..needed].split_at_mut(heads * span);
-    let part = |block: &'a [f32]| &block[query.kv_head * dim * KEY_BLOCK..][..dim * KEY_BLOCK];
+    let part =
+        |block: &'a [S::Element]| &block[query.kv_head * dim * KEY_BLOCK..][..dim * KEY_BLOCK];
     for b in 0..blocks {
         let keys = part(kv.key_block(first_block + b));
         if b + 1 < blocks {
             prefetch(part(kv.key_block(first_block + b + 1)));
         }
-        for (q, row) in query.q.chunks_exact(dim).zip(scores.chunks_exact_mut(span)) {
+        let rows = query.q.chunks_exact(dim).zip(scores.chunks_exact_mut(span));
+        let rows = rows.map(|(q, row)| {
             let block: &mut [f32; KEY_BLOCK] =
                 (&mut row[b * KEY_BLOCK..][..KEY_BLOCK]).try_into().unwrap();
-            block_scores(q, keys, query.scale, block);
-        }
+            (q, block)
+        });
+        in_fours(
+            rows,
+            |[(q0, s0), (q1, s1), (q2, s2), (q3, s3)]| {
+                block_scores([q0, q1, q2, q3], keys, query.scale, [s0, s1, s2, s3])
+            },
+            |(q, s)| block_scores([q], keys, query.scale, [s]),
+        );
     }
     for ((row, &sink), inv) in scores
         .chunks_exact_mut(span)
@@ -138,11 +185,25 @@ fn attend_generic<'a, S: KeyValues>(
         if b + 1 < blocks {
             prefetch(part(kv.value_block(first_block + b + 1)));
         }
-        for (row, o) in scores.chunks_exact(span).zip(out.chunks_exact_mut(dim)) {
-            let p = &row[lanes.clone()];
-            match <&mut [f32; GPT_OSS_HEAD_DIM]>::try_from(&mut *o) {
-                Ok(o) => weighted_sum(o, p, values),
-                Err(_) => weighted_sum_any(o, p, values),
+        let heads = scores
+            .chunks_exact(span)
+            .map(|row| &row[lanes.clone()])
+            .zip(out.chunks_exact_mut(dim));
+        if dim == GPT_OSS_HEAD_DIM {
+            let heads = heads.map(|(p, o)| {
+                let o: &mut [f32; GPT_OSS_HEAD_DIM] = o.try_into().unwrap();
+                (p, o)
+            });
+            in_fours(
+                heads,
+                |[(p0, o0), (p1, o1), (p2, o2), (p3, o3)]| {
+                    weighted_sum([o0, o1, o2, o3], [p0, p1, p2, p3], values)
+                },
+                |(p, o)| weighted_sum([o], [p], values),
+            );
+        } else {
+            for (p, o) in heads {
+                weighted_sum_any(o, p, values);
             }
         }
     }
@@ -151,39 +212,89 @@ fn attend_generic<'a, S: KeyValues>(
     }
 }
 
-/// `out[i] = scale · Σ_d q[d] · keys[d][i]` for the `KEY_BLOCK` positions of one block of
-/// transposed keys `[dim, KEY_BLOCK]`.
+/// Hands `items` to `four` four at a time (a GQA group's query heads share each key and value
+/// load: measured 1.6x faster attention at depth 8192 than one head at a time), and those left
+/// over to `one`.
 #[inline(always)]
-fn block_scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32; KEY_BLOCK]) {
-    let mut acc = [0f32; KEY_BLOCK];
-    for (&qd, k) in q.iter().zip(keys.chunks_exact(KEY_BLOCK)) {
-        for i in 0..KEY_BLOCK {
-            acc[i] = qd.mul_add(k[i], acc[i]);
+fn in_fours<T>(
+    mut items: impl Iterator<Item = T>,
+    mut four: impl FnMut([T; 4]),
+    one: impl FnMut(T),
+) {
+    loop {
+        match (items.next(), items.next(), items.next(), items.next()) {
+            (Some(a), Some(b), Some(c), Some(d)) => four([a, b, c, d]),
+            (a, b, c, _) => {
+                [a, b, c].into_iter().flatten().for_each(one);
+                return;
+            }
         }
-    }
-    for i in 0..KEY_BLOCK {
-        out[i] = acc[i] * scale;
     }
 }
 
-/// `out += Σ_j p[j] · values[j]` (`values` is `[p.len(), D]`), with `out` held in registers.
+/// `out[h][i] = scale · Σ_d q[h][d] · keys[d][i]` for the `KEY_BLOCK` positions of one block of
+/// transposed keys `[dim, KEY_BLOCK]`, for `H` heads at once: each key vector is loaded (and
+/// widened) once for all of them, and `H` independent accumulator chains hide the FMA latency.
+/// Each head's sums run in the same order whatever `H`.
 #[inline(always)]
-fn weighted_sum<const D: usize>(out: &mut [f32; D], p: &[f32], values: &[f32]) {
-    let mut acc = *out;
-    for (&pj, v) in p.iter().zip(values.chunks_exact(D)) {
-        for i in 0..D {
-            acc[i] = pj.mul_add(v[i], acc[i]);
+fn block_scores<const H: usize, E: KvElement>(
+    q: [&[f32]; H],
+    keys: &[E],
+    scale: f32,
+    out: [&mut [f32; KEY_BLOCK]; H],
+) {
+    let mut acc = [[0f32; KEY_BLOCK]; H];
+    for (d, k) in keys.chunks_exact(KEY_BLOCK).enumerate() {
+        let k: &[E; KEY_BLOCK] = k.try_into().unwrap();
+        let k = k.map(E::to_f32);
+        for h in 0..H {
+            let qd = q[h][d];
+            for i in 0..KEY_BLOCK {
+                acc[h][i] = qd.mul_add(k[i], acc[h][i]);
+            }
         }
     }
-    *out = acc;
+    for (o, acc) in out.into_iter().zip(acc) {
+        for i in 0..KEY_BLOCK {
+            o[i] = acc[i] * scale;
+        }
+    }
+}
+
+/// `out[h] += Σ_j p[h][j] · values[j]` (`values` is `[p[h].len(), D]`) for `H` heads at once,
+/// with `out` held in registers: as in [`block_scores`], each value vector is loaded (and
+/// widened) once for all of them, and each head's sums run in the same order whatever `H`.
+#[inline(always)]
+fn weighted_sum<const D: usize, const H: usize, E: KvElement>(
+    out: [&mut [f32; D]; H],
+    p: [&[f32]; H],
+    values: &[E],
+) {
+    let mut acc = [[0f32; D]; H];
+    for h in 0..H {
+        acc[h] = *out[h];
+    }
+    for (j, v) in values.chunks_exact(D).enumerate() {
+        let v: &[E; D] = v.try_into().unwrap();
+        let v = v.map(E::to_f32);
+        for h in 0..H {
+            let pj = p[h][j];
+            for i in 0..D {
+                acc[h][i] = pj.mul_add(v[i], acc[h][i]);
+            }
+        }
+    }
+    for (o, acc) in out.into_iter().zip(acc) {
+        *o = acc;
+    }
 }
 
 /// [`weighted_sum`] for any head size, in the same order.
 #[inline(always)]
-fn weighted_sum_any(out: &mut [f32], p: &[f32], values: &[f32]) {
+fn weighted_sum_any<E: KvElement>(out: &mut [f32], p: &[f32], values: &[E]) {
     for (&pj, v) in p.iter().zip(values.chunks_exact(out.len())) {
         for (oi, &vi) in out.iter_mut().zip(v) {
-            *oi = pj.mul_add(vi, *oi);
+            *oi = pj.mul_add(vi.to_f32(), *oi);
         }
     }
 }
@@ -192,9 +303,9 @@ fn weighted_sum_any(out: &mut [f32], p: &[f32], values: &[f32]) {
 /// of `head_dim · KEY_BLOCK` floats a whole block apart, and the hardware prefetchers do not jump
 /// between them.
 #[inline(always)]
-fn prefetch(data: &[f32]) {
+fn prefetch<E: KvElement>(data: &[E]) {
     #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
+    for line in bytemuck::cast_slice::<E, u8>(data).chunks(64) {
         // SAFETY: prefetching is a hint; it never faults and the address is inside `data`.
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
@@ -281,23 +392,26 @@ mod tests {
         assert!(exp(-1000.0) < 1e-37);
     }
 
-    /// Keys and values `[positions, kv_heads, head_dim]`, also in the block layout.
-    struct Rows {
+    /// Keys and values `[positions, kv_heads, head_dim]` as stored (rounded to `E`), also in the
+    /// block layout.
+    struct Rows<E> {
         keys: Vec<f32>,
         values: Vec<f32>,
-        key_blocks: Vec<f32>,
-        value_blocks: Vec<f32>,
+        key_blocks: Vec<E>,
+        value_blocks: Vec<E>,
         kv_dim: usize,
     }
 
-    impl Rows {
-        fn new(positions: usize, kv_heads: usize, dim: usize) -> Rows {
+    impl<E: KvElement> Rows<E> {
+        fn new(positions: usize, kv_heads: usize, dim: usize) -> Rows<E> {
             let kv_dim = kv_heads * dim;
-            let element = |i: usize, m: usize| ((i * m % 101) as f32 - 50.0) / 40.0;
-            let keys: Vec<f32> = (0..positions * kv_dim).map(|i| element(i, 37)).collect();
-            let values: Vec<f32> = (0..positions * kv_dim).map(|i| element(i, 53)).collect();
+            let element =
+                |i: usize, m: usize| E::from_f32(((i * m % 101) as f32 - 50.0) / 40.0 + 1e-3);
+            let keys: Vec<E> = (0..positions * kv_dim).map(|i| element(i, 37)).collect();
+            let values: Vec<E> = (0..positions * kv_dim).map(|i| element(i, 53)).collect();
             let len = positions.next_multiple_of(KEY_BLOCK) * kv_dim;
-            let (mut key_blocks, mut value_blocks) = (vec![0f32; len], vec![0f32; len]);
+            let (mut key_blocks, mut value_blocks) =
+                (vec![E::default(); len], vec![E::default(); len]);
             for j in 0..positions {
                 let (block, lane) = (j / KEY_BLOCK, j % KEY_BLOCK);
                 for g in 0..kv_heads {
@@ -309,6 +423,8 @@ mod tests {
                     }
                 }
             }
+            let widen = |v: Vec<E>| v.into_iter().map(E::to_f32).collect();
+            let (keys, values) = (widen(keys), widen(values));
             Rows {
                 keys,
                 values,
@@ -327,29 +443,55 @@ mod tests {
         }
     }
 
-    impl KeyValues for Rows {
-        fn key_block(&self, block: usize) -> &[f32] {
+    impl<E: KvElement> KeyValues for Rows<E> {
+        type Element = E;
+
+        fn key_block(&self, block: usize) -> &[E] {
             let len = KEY_BLOCK * self.kv_dim;
             &self.key_blocks[block * len..(block + 1) * len]
         }
 
-        fn value_block(&self, block: usize) -> &[f32] {
+        fn value_block(&self, block: usize) -> &[E] {
             let len = KEY_BLOCK * self.kv_dim;
             &self.value_blocks[block * len..(block + 1) * len]
         }
     }
 
     /// gpt-oss's head size (values held in registers) and another one, over several key blocks,
-    /// for the second of two KV heads.
+    /// for the second of two KV heads, with f32 and bf16 keys and values. Every head's output is
+    /// checked, so one that takes another's scores or sink fails.
     #[test]
     fn every_isa_matches_the_reference_softmax_bit_for_bit() {
+        matches_the_reference::<f32>();
+        matches_the_reference::<Bf16>();
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_and_widens_exactly() {
+        for x in [
+            1.0f32,
+            -3.5,
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            1e-30,
+            3e38,
+        ] {
+            let b = Bf16::from_f32(x);
+            assert_eq!(b.to_f32(), half::bf16::from_f32(x).to_f32(), "{x}");
+            assert!((b.to_f32() - x).abs() <= x.abs() * 2f32.powi(-8), "{x}");
+        }
+        // Ties go to the even neighbour: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7.
+        assert_eq!(Bf16::from_f32(1.0 + 2f32.powi(-8)).to_f32(), 1.0);
+    }
+
+    fn matches_the_reference<E: KvElement>() {
         for (dim, first, last) in [(64, 3, 39), (64, 70, 200), (24, 0, 130)] {
-            let kv = Rows::new(last + 1, 2, dim);
-            // Two query heads sharing the KV head, with different sinks.
-            let q: Vec<f32> = (0..2 * dim)
-                .map(|i| ((i * 13 % 64) as f32 - 30.0) / 25.0)
+            let kv = Rows::<E>::new(last + 1, 2, dim);
+            // Five query heads sharing the KV head (four together, then one), different sinks.
+            let q: Vec<f32> = (0..5 * dim)
+                .map(|i| ((i * 13 % 67) as f32 - 30.0) / 25.0)
                 .collect();
-            let sinks = [0.7, -0.3];
+            let sinks = [0.7, -0.3, 0.0, 1.5, -2.0];
             let query = Query {
                 q: &q,
                 kv_head: 1,
@@ -383,7 +525,7 @@ mod tests {
             }
             let mut first_out = None;
             for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
-                let mut out = vec![0f32; 2 * dim];
+                let mut out = vec![0f32; 5 * dim];
                 // Scratch left over from a longer call must not matter.
                 let mut scores = vec![f32::NAN; 4096];
                 attend(isa, &kv, &query, &mut scores, &mut out);
