@@ -510,6 +510,22 @@ def test_every_kernel_isa_matches_golden(
 # --------------------------------------------------------------------------------------------
 
 
+def assert_as_accurate_as_the_bf16_reference(
+    model_dir: Path, got: np.ndarray, ref, label: str, report: Report, model_name: str
+) -> None:
+    """``got`` is no further from the golden logits, and agrees with their argmax at no fewer
+    positions, than OpenAI's bf16 path on the same model (``crosscheck_openai.json``)."""
+    import json
+
+    bf16 = json.loads((model_dir / "crosscheck_openai.json").read_text())["bfloat16-native"]
+    want = ref["logits"]
+    diff = max_abs_diff(got, want)
+    agree = int((got.argmax(-1) == want.argmax(-1)).sum())
+    report(model_name, label, diff, bf16["max_abs"])
+    assert diff <= bf16["max_abs"], f"max |diff| {diff:.3f} > bf16 reference {bf16['max_abs']:.3f}"
+    assert agree >= bf16["argmax_agree"], f"argmax agrees at {agree}, bf16 reference at {bf16}"
+
+
 @pytest.mark.parametrize("dense", ["bf16", "q8"])
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_fast_precision_is_at_least_as_accurate_as_the_reference_bf16_path(
@@ -522,18 +538,11 @@ def test_fast_precision_is_at_least_as_accurate_as_the_reference_bf16_path(
     path, and really differ from the exact path."""
     if isa not in gpt_oss_cpu.build_info()["supported_isas"]:
         pytest.skip(f"this CPU does not support {isa}")
-    import json
-
-    bf16 = json.loads((model_dir / "crosscheck_openai.json").read_text())["bfloat16-native"]
     model = gpt_oss_cpu.Model.load(str(model_dir), isa=isa, precision="fast", dense=dense)
     assert (model.precision, model.dense) == ("fast", dense)
     got = model.forward(ref["input_ids"])
-    want = ref["logits"]
-    diff = max_abs_diff(got, want)
-    agree = int((got.argmax(-1) == want.argmax(-1)).sum())
-    report(model_name, f"fast dense={dense} isa={isa} logits", diff, bf16["max_abs"])
-    assert diff <= bf16["max_abs"], f"max |diff| {diff:.3f} > bf16 reference {bf16['max_abs']:.3f}"
-    assert agree >= bf16["argmax_agree"], f"argmax agrees at {agree}, bf16 reference at {bf16}"
+    label = f"fast dense={dense} isa={isa} logits"
+    assert_as_accurate_as_the_bf16_reference(model_dir, got, ref, label, report, model_name)
     exact = gpt_oss_cpu.Model.load(str(model_dir), isa=isa).forward(ref["input_ids"])
     assert max_abs_diff(got, exact) > 1e-3, "the fast path computed the exact logits"
 
@@ -547,16 +556,9 @@ def test_bf16_kv_cache_is_at_least_as_accurate_as_the_reference_bf16_path(
     to that path's error and argmax agreement, like the fast path, and really rounded."""
     if isa not in gpt_oss_cpu.build_info()["supported_isas"]:
         pytest.skip(f"this CPU does not support {isa}")
-    import json
-
-    bf16 = json.loads((model_dir / "crosscheck_openai.json").read_text())["bfloat16-native"]
     model = gpt_oss_cpu.Model.load(str(model_dir), isa=isa, precision=precision, kv_cache="bf16")
     got = model.forward(ref["input_ids"])
-    want = ref["logits"]
-    diff = max_abs_diff(got, want)
-    agree = int((got.argmax(-1) == want.argmax(-1)).sum())
-    report(model_name, f"{precision} kv_cache=bf16 isa={isa} logits", diff, bf16["max_abs"])
-    assert diff <= bf16["max_abs"], f"max |diff| {diff:.3f} > bf16 reference {bf16['max_abs']:.3f}"
-    assert agree >= bf16["argmax_agree"], f"argmax agrees at {agree}, bf16 reference at {bf16}"
+    label = f"{precision} kv_cache=bf16 isa={isa} logits"
+    assert_as_accurate_as_the_bf16_reference(model_dir, got, ref, label, report, model_name)
     f32 = gpt_oss_cpu.Model.load(str(model_dir), isa=isa, precision=precision)
     assert max_abs_diff(got, f32.forward(ref["input_ids"])) > 1e-3, "nothing was rounded"

@@ -176,8 +176,9 @@ impl Session {
         let format = session.cache.format().name();
         if header.kv != format {
             return Err(bad(format!(
-                "keys and values stored as {}, this model's cache holds {format}",
-                header.kv
+                "keys and values stored as {}, this model's cache holds {format} (load the model \
+                 with kv_cache={:?} to resume)",
+                header.kv, header.kv
             )));
         }
         session
@@ -208,7 +209,8 @@ impl Session {
 
 const SESSION_MAGIC: &[u8; 8] = b"GOCPUKV\0";
 /// 2: keys and values stored in blocks of 64 positions (version 1 files would load misread).
-/// 3: the element type of the keys and values is recorded (`kv`), bf16 with fast precision.
+/// 3: the element type of the keys and values is recorded (`kv`: f32, or bf16 for models loaded
+/// with `kv_cache="bf16"`).
 const SESSION_FORMAT: u32 = 3;
 
 #[derive(serde::Deserialize)]
