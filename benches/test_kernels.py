@@ -1,5 +1,6 @@
 """Matrix kernel benchmarks: ``_core.matmul_bf16`` and ``_core.matmul_mxfp4`` for every ISA and
-precision (``exact``: fp32 activations; ``fast``: activations rounded to bf16 / 8 bits).
+precision (``exact``: fp32 activations; ``fast``: activations rounded to bf16 / 8 bits), and
+``_core.matmul_q8`` (the ``dense="q8"`` kernel: 8-bit weights and activations) for every ISA.
 
 Run with ``pytest benches/test_kernels.py`` (see ``benches/README.md``). Each case records its
 effective weight bandwidth (``gb_s``: weight bytes / mean time) and ``gflop_s``
@@ -11,7 +12,8 @@ Shapes (``K = 2880``, the hidden size of gpt-oss-20b):
 
 * ``decode``: ``T = 1``. Batch-1 decoding is a matrix-vector product that streams the weights once,
   so the matrices are several times larger than the last-level cache (bf16: 16384 x 2880 =
-  94 MB; MXFP4: 65536 x 2880 = 100 MB) to measure streaming from DRAM, as in the model.
+  94 MB; MXFP4: 65536 x 2880 = 100 MB; 8-bit: 32768 x 2880 = 106 MB) to measure streaming from
+  DRAM, as in the model.
 * ``prefill``: ``T = 64``, ``N = 5760`` (one expert's gate_up projection): compute-bound.
 
 The ``fast`` kernels are checked against the ``scalar`` kernel of the same precision (which rounds
@@ -46,9 +48,10 @@ class Shape:
     tokens: int
     rows_bf16: int
     rows_mxfp4: int
+    rows_q8: int
 
 
-SHAPES = [Shape("decode", 1, 16384, 65536), Shape("prefill", 64, 5760, 5760)]
+SHAPES = [Shape("decode", 1, 16384, 65536, 32768), Shape("prefill", 64, 5760, 5760, 5760)]
 
 
 def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -165,3 +168,39 @@ def test_matmul_mxfp4(benchmark: Any, shape: Shape, isa: str, precision: str) ->
         shape.rows_mxfp4,
     )
     record(benchmark, blocks.nbytes + scales.nbytes, 2 * shape.tokens * shape.rows_mxfp4 * K)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_matmul_q8(benchmark: Any, shape: Shape, isa: str) -> None:
+    check_q8_against_scalar(isa, shape.tokens)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((shape.tokens, K), dtype=np.float32)
+    codes, scales = _core.quantize_q8(random_bf16(rng, (shape.rows_q8, K)))
+    benchmark.group = f"q8 {shape.name} T={shape.tokens} N={shape.rows_q8} K={K}"
+    run(
+        benchmark,
+        lambda: _core.matmul_q8(x, codes, scales, isa),
+        shape.tokens,
+        shape.rows_q8,
+    )
+    record(benchmark, codes.nbytes + scales.nbytes, 2 * shape.tokens * shape.rows_q8 * K)
+
+
+def check_q8_against_scalar(isa: str, tokens: int) -> None:
+    """Once per case: ``isa`` agrees with ``scalar``, and ``scalar`` is within the 8-bit rounding
+    of both operands (a few % of ``|x|·|w|``) of the exact bf16 product."""
+    if ("q8", isa, "fast", tokens) in _checked:
+        return
+    rng = np.random.default_rng(4321 + tokens)
+    x = rng.standard_normal((tokens, K), dtype=np.float32)
+    w = random_bf16(rng, (CHECK_ROWS, K))
+    codes, scales = _core.quantize_q8(w)
+    expected = _core.matmul_q8(x, codes, scales, "scalar")
+    exact = bf16_reference(x, w)
+    magnitude = bf16_reference(np.abs(x), w & 0x7FFF)
+    assert np.all(np.abs(expected - exact) <= 0.02 * magnitude), "scalar q8 vs numpy"
+    actual = _core.matmul_q8(x, codes, scales, isa)
+    assert actual.shape == (tokens, CHECK_ROWS)
+    assert_close(actual, expected, f"{isa} q8 vs scalar")
+    _checked.add(("q8", isa, "fast", tokens))

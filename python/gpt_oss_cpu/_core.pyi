@@ -181,6 +181,15 @@ def matmul_bf16(
     isa: Literal["scalar", "avx2", "avx512"] | None = None,
     precision: Literal["exact", "fast"] = "exact",
 ) -> npt.NDArray[np.float32]: ...
+def quantize_q8(
+    w: npt.NDArray[np.uint16],
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
+def matmul_q8(
+    x: npt.NDArray[np.float32],
+    codes: npt.NDArray[np.uint8],
+    scales: npt.NDArray[np.float32],
+    isa: Literal["scalar", "avx2", "avx512"] | None = None,
+) -> npt.NDArray[np.float32]: ...
 def matmul_mxfp4(
     x: npt.NDArray[np.float32],
     blocks: npt.NDArray[np.uint8],

@@ -127,11 +127,11 @@ fn position(py: Python<'_>, value: i64, name: &str) -> PyResult<usize> {
 }
 
 /// `[rows, cols]` float32 array from a row-major buffer.
-fn array2(
+fn array2<T: numpy::Element>(
     py: Python<'_>,
-    data: Vec<f32>,
+    data: Vec<T>,
     cols: usize,
-) -> PyResult<Bound<'_, numpy::PyArray2<f32>>> {
+) -> PyResult<Bound<'_, numpy::PyArray2<T>>> {
     let rows = data.len() / cols.max(1);
     PyArray1::from_vec(py, data).reshape([rows, cols])
 }
@@ -788,6 +788,88 @@ fn matmul_bf16<'py>(
     array2(py, y, rows)
 }
 
+/// 8-bit codes and their scales, as numpy arrays.
+type Q8Arrays<'py> = (
+    Bound<'py, numpy::PyArray2<u8>>,
+    Bound<'py, numpy::PyArray2<f32>>,
+);
+
+/// bf16 bit patterns `w` (uint16) `[N, K]` in the 8-bit format of `dense="q8"`: codes uint8
+/// `[N, K]` (stored `+ 128`, in the kernels' grouped order) and float32 scales `[N, K/32]`.
+#[pyfunction]
+fn quantize_q8<'py>(
+    py: Python<'py>,
+    w: numpy::PyReadonlyArray2<'py, u16>,
+) -> PyResult<Q8Arrays<'py>> {
+    let (rows, cols) = (w.shape()[0], w.shape()[1]);
+    if rows == 0 || cols == 0 || cols % 32 != 0 {
+        return Err(input_error(
+            py,
+            format!(
+                "w {:?}: expected [N, K] with K a positive multiple of 32",
+                w.shape()
+            ),
+        ));
+    }
+    let isa = parse_isa(py, None)?;
+    let w = w.as_slice()?;
+    let (mut codes, mut scales) = (vec![0u8; rows * cols], vec![0f32; rows * cols / 32]);
+    py.detach(|| {
+        let rows = codes
+            .chunks_exact_mut(cols)
+            .zip(scales.chunks_exact_mut(cols / 32));
+        for (r, (codes, scales)) in rows.enumerate() {
+            kernels::quantize_bf16_row(isa, &w[r * cols..(r + 1) * cols], codes, scales);
+        }
+    });
+    Ok((array2(py, codes, cols)?, array2(py, scales, cols / 32)?))
+}
+
+/// `x @ W.T` for one 8-bit matrix as [`quantize_q8`] gives it (the activations are quantized to
+/// 8 bits per 32, as with `dense="q8"`).
+#[pyfunction]
+#[pyo3(signature = (x, codes, scales, isa=None))]
+fn matmul_q8<'py>(
+    py: Python<'py>,
+    x: numpy::PyReadonlyArray2<'py, f32>,
+    codes: numpy::PyReadonlyArray2<'py, u8>,
+    scales: numpy::PyReadonlyArray2<'py, f32>,
+    isa: Option<&str>,
+) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+    let isa = parse_isa(py, isa)?;
+    let (tokens, cols) = (x.shape()[0], x.shape()[1]);
+    let (rows, c_cols) = (codes.shape()[0], codes.shape()[1]);
+    if tokens == 0
+        || rows == 0
+        || cols == 0
+        || cols % 32 != 0
+        || c_cols != cols
+        || scales.shape() != [rows, cols / 32]
+    {
+        return Err(input_error(
+            py,
+            format!(
+                "shapes x {:?}, codes {:?}, scales {:?} do not fit",
+                x.shape(),
+                codes.shape(),
+                scales.shape()
+            ),
+        ));
+    }
+    let (x, codes, scales) = (x.as_slice()?, codes.as_slice()?, scales.as_slice()?);
+    let mut y = vec![0f32; tokens * rows];
+    let job = Matmul {
+        weights: WeightMatrix::Q8 { codes, scales },
+        rows,
+        cols,
+        x,
+        bias: None,
+        y: &mut y,
+    };
+    py.detach(|| kernels::matmul(isa, Precision::Fast, job));
+    array2(py, y, rows)
+}
+
 /// `x @ W.T` for one MXFP4 matrix: `blocks` uint8 `[N, K/32, 16]`, `scales` uint8 `[N, K/32]`.
 #[pyfunction]
 #[pyo3(signature = (x, blocks, scales, isa=None, precision="exact"))]
@@ -890,5 +972,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_mxfp4, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_q8, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul_q8, m)?)?;
     Ok(())
 }
