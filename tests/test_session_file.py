@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -112,3 +113,29 @@ def test_a_bf16_cache_resumes_exactly_and_an_f32_model_refuses_it(ids, tmp_path)
         Session.load(Model.load(DATA / "tiny-a"), path)
     with pytest.raises(InputError, match="kv_cache"):
         Model.load(DATA / "tiny-a", kv_cache="f16")  # type: ignore[arg-type]
+
+
+def test_a_format_2_file_resumes_as_f32_and_a_bad_element_type_is_named(model, ids, tmp_path):
+    path = tmp_path / "s.kv"
+    with model.session(max_context=64) as session:
+        session.append(ids[:8])
+        session.save(path)
+        want = session.append(ids[8:10])
+
+    def rewrite_header(edit) -> None:
+        data = path.read_bytes()
+        length = int.from_bytes(data[8:16], "little")
+        header = edit(json.loads(data[16 : 16 + length]))
+        text = json.dumps(header).encode()
+        path.write_bytes(data[:8] + len(text).to_bytes(8, "little") + text + data[16 + length :])
+
+    # Format 2 (before the element type was recorded) stored f32 keys and values the same way.
+    rewrite_header(lambda h: {**{k: v for k, v in h.items() if k != "kv"}, "format": 2})
+    with Session.load(model, path) as resumed:
+        np.testing.assert_array_equal(resumed.append(ids[8:10]), want)
+    rewrite_header(lambda h: {**h, "kv": "fp8"})
+    with pytest.raises(InputError, match="kv: expected one of f32, bf16"):
+        Session.load(model, path)
+    rewrite_header(lambda h: {**h, "format": 1})
+    with pytest.raises(InputError, match="format 1, expected 2 to 3"):
+        Session.load(model, path)

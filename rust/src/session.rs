@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvFormat};
 use crate::model::{LogitRows, Model};
 use crate::sampling::Sampler;
 
@@ -150,9 +150,9 @@ impl Session {
             .map_err(|e| bad(format!("truncated header: {e}")))?;
         let header: SessionHeader =
             serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
-        if header.format != SESSION_FORMAT {
+        if !(OLDEST_SESSION_FORMAT..=SESSION_FORMAT).contains(&header.format) {
             return Err(bad(format!(
-                "format {}, expected {SESSION_FORMAT}",
+                "format {}, expected {OLDEST_SESSION_FORMAT} to {SESSION_FORMAT}",
                 header.format
             )));
         }
@@ -173,12 +173,14 @@ impl Session {
             )));
         }
         let mut session = Session::new(model, header.max_context)?;
-        let format = session.cache.format().name();
-        if header.kv != format {
+        let stored = KvFormat::from_name(&header.kv).map_err(|e| bad(format!("kv: {e}")))?;
+        if stored != session.cache.format() {
             return Err(bad(format!(
-                "keys and values stored as {}, this model's cache holds {format} (load the model \
+                "keys and values stored as {}, this model's cache holds {} (load the model \
                  with kv_cache={:?} to resume)",
-                header.kv, header.kv
+                stored.name(),
+                session.cache.format().name(),
+                stored.name()
             )));
         }
         session
@@ -212,6 +214,8 @@ const SESSION_MAGIC: &[u8; 8] = b"GOCPUKV\0";
 /// 3: the element type of the keys and values is recorded (`kv`: f32, or bf16 for models loaded
 /// with `kv_cache="bf16"`).
 const SESSION_FORMAT: u32 = 3;
+/// Format 2 files are format 3 files with f32 keys and values and no `kv` field.
+const OLDEST_SESSION_FORMAT: u32 = 2;
 
 #[derive(serde::Deserialize)]
 struct SessionHeader {
@@ -222,7 +226,12 @@ struct SessionHeader {
     max_context: usize,
     tokens: Vec<u32>,
     ring_valid_from: usize,
+    #[serde(default = "f32_name")]
     kv: String,
     layer_values: Vec<usize>,
     logits: usize,
+}
+
+fn f32_name() -> String {
+    KvFormat::F32.name().into()
 }
