@@ -132,3 +132,19 @@ def test_the_q8_kernel_binding_matches_the_bf16_product_and_checks_shapes() -> N
         _core.quantize_q8(w[:, :40])
     with pytest.raises(gpt_oss_cpu.InputError, match="do not fit"):
         _core.matmul_q8(x, codes, scales[:, :2])
+    # Stored 0 (-128) is outside what the quantizer writes (and the AVX2 kernel handles).
+    with pytest.raises(gpt_oss_cpu.InputError, match=r"1\.\.=255"):
+        _core.matmul_q8(x, np.zeros_like(codes), scales)
+
+
+def test_a_new_cache_file_replaces_those_of_older_format_versions(tiny_a_dir: Path, cache: Path):
+    folder = cache / "gpt-oss-cpu" / "dense-q8"
+    folder.mkdir(parents=True)
+    old = folder / "0123456789abcdef.bin"
+    old.write_bytes(b"GOCPUQ8\0" + (1).to_bytes(4, "little") + bytes(52))
+    unrelated = folder / "notes.bin"
+    unrelated.write_bytes(b"something else entirely")
+    load_q8(tiny_a_dir)
+    assert not old.exists()
+    assert unrelated.exists()
+    assert len(cache_files(cache)) == 2  # the new file and the unrelated one

@@ -204,8 +204,30 @@ fn write_file(
         .and_then(|()| std::fs::rename(&temporary, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&temporary);
+    } else {
+        remove_other_versions(dir);
     }
     result
+}
+
+/// Removes cache files of other format versions (1.4 GB each for the 20b): this library can no
+/// longer read them, and their names (keyed by version) would never be reused.
+fn remove_other_versions(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let mut head = [0u8; 12];
+        let read = File::open(&path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
+        if path.extension().is_some_and(|e| e == "bin")
+            && read.is_ok()
+            && &head[..8] == MAGIC
+            && head[8..12] != VERSION.to_le_bytes()
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 fn write_sections(
