@@ -172,9 +172,6 @@ class Session:
     def reset(self) -> None: ...
 
 def build_info() -> dict[str, object]: ...
-def measure_read_bandwidth(
-    size_bytes: int = 1 << 30, threads: int | None = None, repeats: int = 5
-) -> float: ...
 def matmul_bf16(
     x: npt.NDArray[np.float32],
     w: npt.NDArray[np.uint16],

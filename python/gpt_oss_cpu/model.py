@@ -108,7 +108,7 @@ class Model:
                 (default) or ``"bf16"`` (rounded to nearest even): half the memory (the 20b's
                 full-attention layers take 24 KiB per token instead of 48), and half the bytes
                 attention reads per decoded token, which matters at long context (at depth 16384,
-                0.40 GB instead of 0.81 GB per token). Logits then differ from the exact ones.
+                0.41 GB instead of 0.81 GB per token). Logits then differ from the exact ones.
 
         Raises:
             CheckpointError: a file or tensor is missing, truncated, corrupt, misshaped or mistyped.
@@ -305,8 +305,9 @@ class Session:
 
         Raises:
             InputError: the file is not a session file, is truncated, or was saved with another
-                model (the message gives both model fingerprints) or with other ``precision`` /
-                ``dense`` settings (its keys and values were computed with those).
+                model (the message gives both model fingerprints), with other ``precision`` /
+                ``dense`` settings (its keys and values were computed with those), or with
+                another ``kv_cache`` element type.
         """
         return cls(model._engine.load_session(os.fspath(path)), model)
 

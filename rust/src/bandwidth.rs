@@ -48,22 +48,6 @@ fn sum_streams(task: &[u64]) -> u64 {
         .fold(0, |acc, &v| acc.wrapping_add(v))
 }
 
-/// [`best_read_bandwidth`] over a fresh `bytes`-sized buffer read by `threads` threads.
-pub fn measure_read_bandwidth(bytes: usize, threads: usize, repeats: usize) -> Result<f64, String> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
-        .build()
-        .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
-    let words = (bytes / 8).max(1 << 16);
-    let mut buffer: Vec<u64> = Vec::new();
-    buffer
-        .try_reserve_exact(words)
-        .map_err(|_| format!("cannot allocate a {bytes}-byte buffer"))?;
-    // Non-zero contents so the pages are really allocated, not shared zero pages.
-    buffer.extend(0..words as u64);
-    Ok(pool.install(|| best_read_bandwidth(bytemuck::cast_slice(&buffer), repeats)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

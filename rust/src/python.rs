@@ -126,7 +126,7 @@ fn position(py: Python<'_>, value: i64, name: &str) -> PyResult<usize> {
         .map_err(|_| input_error(py, format!("{name} must be >= 0, found {value}")))
 }
 
-/// `[rows, cols]` float32 array from a row-major buffer.
+/// `[rows, cols]` array from a row-major buffer.
 fn array2<T: numpy::Element>(
     py: Python<'_>,
     data: Vec<T>,
@@ -826,7 +826,7 @@ fn quantize_q8<'py>(
 }
 
 /// `x @ W.T` for one 8-bit matrix as [`quantize_q8`] gives it (the activations are quantized to
-/// 8 bits per 32, as with `dense="q8"`).
+/// 8 bits per 32, as with `dense="q8"`); codes outside 1..=255 are refused.
 #[pyfunction]
 #[pyo3(signature = (x, codes, scales, isa=None))]
 fn matmul_q8<'py>(
@@ -857,6 +857,12 @@ fn matmul_q8<'py>(
         ));
     }
     let (x, codes, scales) = (x.as_slice()?, codes.as_slice()?, scales.as_slice()?);
+    if codes.contains(&0) {
+        return Err(input_error(
+            py,
+            "codes must be as quantize_q8 gives them, 1..=255 (found 0)".into(),
+        ));
+    }
     let mut y = vec![0f32; tokens * rows];
     let job = Matmul {
         weights: WeightMatrix::Q8 { codes, scales },
@@ -919,20 +925,6 @@ fn matmul_mxfp4<'py>(
     array2(py, y, rows)
 }
 
-/// Read bandwidth of this machine in bytes per second (best of `repeats` passes over `size_bytes`).
-#[pyfunction]
-#[pyo3(signature = (size_bytes=1 << 30, threads=None, repeats=5))]
-fn measure_read_bandwidth(
-    py: Python<'_>,
-    size_bytes: usize,
-    threads: Option<usize>,
-    repeats: usize,
-) -> PyResult<f64> {
-    let threads = threads.unwrap_or_else(crate::model::default_threads);
-    py.detach(|| crate::bandwidth::measure_read_bandwidth(size_bytes, threads, repeats))
-        .map_err(|msg| input_error(py, msg))
-}
-
 /// Version, kernel instruction set and build details.
 #[pyfunction]
 fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -969,7 +961,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySampler>()?;
     m.add_class::<PySession>()?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
-    m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_mxfp4, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_q8, m)?)?;

@@ -20,8 +20,9 @@ pub const KEY_BLOCK: usize = 64;
 /// gpt-oss's head size, for which the weighted sum of values keeps a head in registers.
 const GPT_OSS_HEAD_DIM: usize = 64;
 
-/// How the cache stores one key or value element: f32 (exact), or bf16 (`precision="fast"`, half
-/// the bytes to stream at long context). Attention widens each element to f32 as it reads it.
+/// How the cache stores one key or value element: f32, or bf16 (`kv_cache="bf16"`: half the
+/// memory and half the bytes to stream at long context). Attention widens each element to f32 as
+/// it reads it.
 pub trait KvElement: Copy + Default + Send + Sync + bytemuck::Pod + 'static {
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;

@@ -309,7 +309,8 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
 /// blocks, one block per 32-bit lane (see the AVX-512 kernel). `vpmaddubsw` would saturate on the
 /// offset codes, so the weights are made signed again and multiplied by the activations'
 /// magnitudes with the activations' signs moved onto them (`vpsignb`), which keeps each pair sum
-/// within 2 · 127 · 128.
+/// within 2 · 127 · 127. That needs the codes the quantizer writes, 1..=255 (signed −127..=127):
+/// `vpsignb` cannot negate −128.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `codes` is `[rows, cols]`, `scales` `[rows, cols / 32]`,
@@ -324,7 +325,7 @@ pub unsafe fn matmul_q8_q8(
     cols: usize,
     out: &mut [f32],
 ) {
-    for_each_tile!(out, tokens, 4, 2, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, TILE_ROWS, 2, |r0, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
         unsafe { tile_q8_q8::<R, T>(groups, codes, scales, cols, r0, t0, tokens, out) }
     });
@@ -337,6 +338,7 @@ pub unsafe fn matmul_q8_q8(
 /// `4 · lanes` bytes at `at` must be readable.
 #[inline(always)]
 unsafe fn load_lanes(at: *const u8, lanes: usize) -> __m256i {
+    debug_assert!(matches!(lanes, 1 | 2 | 4 | 8));
     // SAFETY: each arm reads exactly `4 · lanes` bytes, unaligned.
     unsafe {
         match lanes {

@@ -648,6 +648,7 @@ pub unsafe fn matmul_q8_q8(
 /// `4 · lanes` bytes at `at` must be readable.
 #[inline(always)]
 unsafe fn load_lanes(at: *const u8, lanes: usize) -> __m512i {
+    debug_assert!(matches!(lanes, 1 | 2 | 4 | 8 | 16));
     // SAFETY: each arm reads exactly `4 · lanes` bytes, unaligned.
     unsafe {
         match lanes {
