@@ -133,7 +133,10 @@ def test_a_format_2_file_resumes_as_f32_and_a_bad_element_type_is_named(model, i
     rewrite_header(lambda h: {**{k: v for k, v in h.items() if k != "kv"}, "format": 2})
     with Session.load(model, path) as resumed:
         np.testing.assert_array_equal(resumed.append(ids[8:10]), want)
-    rewrite_header(lambda h: {**h, "kv": "fp8"})
+    rewrite_header(lambda h: {**h, "ring_valid_from": 10**9})
+    with pytest.raises(InputError, match="ring_valid_from 1000000000 is past the 8 tokens"):
+        Session.load(model, path)
+    rewrite_header(lambda h: {**h, "ring_valid_from": 0, "kv": "fp8"})
     with pytest.raises(InputError, match="kv: expected one of f32, bf16"):
         Session.load(model, path)
     rewrite_header(lambda h: {**h, "format": 1})

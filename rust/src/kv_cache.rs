@@ -294,17 +294,23 @@ impl KvCache {
         self.ring_valid_from
     }
 
-    /// Whether a session file's `layer_values` (as [`KvCache::layer_data`] gave them) fit this
-    /// cache holding `tokens` positions.
+    /// Whether a session file's `layer_values` (as [`KvCache::layer_data`] gave them) and
+    /// `ring_valid_from` fit this cache holding `tokens` positions.
     pub fn check_restore(
         &self,
         tokens: usize,
+        ring_valid_from: usize,
         layer_values: &[usize],
     ) -> std::result::Result<(), String> {
         if tokens > self.max_context {
             return Err(format!(
                 "{tokens} tokens exceed max_context {}",
                 self.max_context
+            ));
+        }
+        if ring_valid_from > tokens {
+            return Err(format!(
+                "ring_valid_from {ring_valid_from} is past the {tokens} tokens"
             ));
         }
         let expected: Vec<usize> = match &self.layers {

@@ -185,7 +185,11 @@ impl Session {
         }
         session
             .cache
-            .check_restore(header.tokens.len(), &header.layer_values)
+            .check_restore(
+                header.tokens.len(),
+                header.ring_valid_from,
+                &header.layer_values,
+            )
             .map_err(bad)?;
         let mut read = |bytes: &mut [u8]| -> Result<()> {
             file.read_exact(bytes)
