@@ -635,3 +635,21 @@ def test_generate_bad_sampling_args(tiny, kwargs: dict[str, float], pattern: str
             lambda: list(s.generate([1, 2, 3], max_new_tokens=2, stop=(), **kwargs)),
             pattern,
         )
+
+
+def test_a_non_finite_weight_is_refused_by_the_q8_build(ckpt: Path) -> None:
+    def poison(t: dict[str, Tensor]) -> None:
+        w = np.frombuffer(t[Q_PROJ].data, dtype="<u2").copy().reshape(256, 128)
+        w[5, 17] = 0x7FC0  # bf16 NaN
+        t[Q_PROJ] = Tensor("BF16", [256, 128], w.tobytes())
+
+    edit_tensors(ckpt, poison)
+    expect_error(
+        CheckpointError,
+        lambda: gpt_oss_cpu.Model.load(ckpt, precision="fast", dense="q8"),
+        r"layer 1 attention q weight",
+        r"row 5",
+        r"NaN or infinity",
+    )
+    # The bf16 path reads the weights as they are (and would pass the NaN on to the logits).
+    assert gpt_oss_cpu.Model.load(ckpt).dense == "bf16"

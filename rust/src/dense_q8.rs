@@ -111,14 +111,25 @@ impl Layout {
     }
 }
 
-/// The 8-bit versions of `sources`, from the cache file for `key` (written first if missing or
-/// invalid), or built in memory when no cache file can be written.
-pub fn load_or_build(sources: &[&Bf16Matrix], key: u64, isa: Isa) -> Result<Vec<Q8Matrix>> {
+/// The 8-bit versions of `sources` (named `names`, for errors), from the cache file for `key`
+/// (written first if missing or invalid), or built in memory when no cache file can be written.
+///
+/// # Errors
+/// A source holds NaN or infinity, which 8 bits cannot hold (the bf16 path would pass it on to
+/// the logits; requantizing would hide it).
+pub fn load_or_build(
+    sources: &[&Bf16Matrix],
+    names: &[String],
+    key: u64,
+    isa: Isa,
+) -> Result<Vec<Q8Matrix>> {
     let layout = Layout::new(sources);
-    if let Some(path) = cache_path(key) {
-        if let Some(map) = open_valid(&path, key, &layout) {
-            return Ok(layout.matrices(Store::File(map)));
-        }
+    let cache = cache_path(key);
+    if let Some(map) = cache.as_deref().and_then(|p| open_valid(p, key, &layout)) {
+        return Ok(layout.matrices(Store::File(map)));
+    }
+    check_finite(sources, names)?;
+    if let Some(path) = cache {
         if write_file(&path, sources, key, &layout, isa).is_ok() {
             if let Some(map) = open_valid(&path, key, &layout) {
                 return Ok(layout.matrices(Store::File(map)));
@@ -138,6 +149,23 @@ pub fn load_or_build(sources: &[&Bf16Matrix], key: u64, isa: Isa) -> Result<Vec<
         quantize_rows(m, 0, &mut head[codes.clone()], scales, isa);
     }
     Ok(layout.matrices(Store::Memory(memory)))
+}
+
+/// An error naming the first source, and row, that holds a NaN or an infinity (exponent bits all
+/// ones in bf16).
+fn check_finite(sources: &[&Bf16Matrix], names: &[String]) -> Result<()> {
+    for (m, name) in sources.iter().zip(names) {
+        let bad = m
+            .data()
+            .par_chunks(m.cols)
+            .position_first(|row| row.iter().any(|&b| b & 0x7F80 == 0x7F80));
+        if let Some(row) = bad {
+            return Err(Error::Checkpoint(format!(
+                "{name}: row {row} holds NaN or infinity, which dense=\"q8\" cannot quantize"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A key for the cache file of a checkpoint: its fingerprint and its files' names, sizes and

@@ -211,11 +211,14 @@ impl Weights {
     ) -> Result<()> {
         let key = dense_q8::cache_key(fingerprint, files);
         let mut sources: Vec<&Bf16Matrix> = Vec::new();
-        for layer in &self.layers {
+        let mut names = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
             sources.extend([&layer.q, &layer.k, &layer.v, &layer.o].map(|l| &l.weight));
+            names.extend(["q", "k", "v", "o"].map(|p| format!("layer {l} attention {p} weight")));
         }
         sources.push(&self.unembedding);
-        let mut matrices = dense_q8::load_or_build(&sources, key, isa)?.into_iter();
+        names.push("unembedding".into());
+        let mut matrices = dense_q8::load_or_build(&sources, &names, key, isa)?.into_iter();
         for source in &sources {
             source.bytes.release();
         }
