@@ -127,3 +127,23 @@ def test_synth_matches_write_checkpoint(tmp_path: Path, tiny_dir: Path) -> None:
     assert written == sorted(p.relative_to(tiny_dir) for p in tiny_dir.rglob("*") if p.is_file())
     for rel in written:  # same default seed: the same bytes as the fixture's checkpoint
         assert (out / rel).read_bytes() == (tiny_dir / rel).read_bytes(), rel
+
+
+def test_a_slow_q8_load_says_it_is_building_the_cache(monkeypatch, capsys) -> None:
+    import argparse
+    import time
+
+    from gpt_oss_cpu import cli
+
+    def slow_load(path: str, **options: object) -> str:
+        time.sleep(0.3)
+        return f"model at {path} with {options['dense']}"
+
+    monkeypatch.setattr(gpt_oss_cpu.Model, "load", slow_load)
+    monkeypatch.setattr(cli, "SLOW_LOAD_NOTE_S", 0.05)
+    options = {"threads": None, "isa": None, "precision": "fast", "kv_cache": "f32"}
+    for dense, noted in (("q8", True), ("bf16", False)):
+        args = argparse.Namespace(dense=dense, **options)
+        assert cli._load_model(Path("/ckpt"), args) == f"model at /ckpt with {dense}"
+        err = capsys.readouterr().err
+        assert ("building the 8-bit dense cache of /ckpt" in err) == noted, err

@@ -535,18 +535,41 @@ def _rate(tokens: int, seconds: float) -> str:
     return f"{tokens / seconds:.2f} tok/s" if seconds > 0 else "n/a tok/s"
 
 
+#: A ``--dense q8`` load still running after this many seconds is building its cache: say so.
+SLOW_LOAD_NOTE_S = 1.0
+
+
 def _load_model(model_dir: Path, args: argparse.Namespace) -> Model:
-    """``Model.load`` with the options of :func:`_add_engine_options`."""
+    """``Model.load`` with the options of :func:`_add_engine_options`. The first ``--dense q8``
+    load of a checkpoint writes its 8-bit cache (several seconds for the 20b), so a q8 load
+    still running after ``SLOW_LOAD_NOTE_S`` prints one line to stderr saying why."""
+    import threading
+
     import gpt_oss_cpu
 
-    return gpt_oss_cpu.Model.load(
-        str(model_dir),
-        threads=args.threads,
-        isa=args.isa,
-        precision=args.precision,
-        dense=args.dense,
-        kv_cache=args.kv_cache,
+    note = threading.Timer(
+        SLOW_LOAD_NOTE_S,
+        lambda: print(
+            f"[{PROG}] building the 8-bit dense cache of {model_dir} (first --dense q8 load of "
+            "this checkpoint; later loads map it)...",
+            file=sys.stderr,
+            flush=True,
+        ),
     )
+    note.daemon = True
+    if args.dense == "q8":
+        note.start()
+    try:
+        return gpt_oss_cpu.Model.load(
+            str(model_dir),
+            threads=args.threads,
+            isa=args.isa,
+            precision=args.precision,
+            dense=args.dense,
+            kv_cache=args.kv_cache,
+        )
+    finally:
+        note.cancel()
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:

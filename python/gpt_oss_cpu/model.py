@@ -102,7 +102,7 @@ class Model:
                 the checkpoint. ``"q8"`` requantizes them at load to 8 bits per value with a scale
                 per 32 (as ggml's published GGUF stores them): 1.4 GB instead of 2.4 GB read per
                 decoded token. The first load writes them to a cache file
-                (``$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/``, a few seconds for the 20b); later
+                (``$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/``, 3-7 s for the 20b); later
                 loads map it. The bf16 pages are released. Needs ``precision="fast"``.
             kv_cache: the element type of the sessions' cached keys and values: ``"f32"``
                 (default) or ``"bf16"`` (rounded to nearest even): half the memory (the 20b's
