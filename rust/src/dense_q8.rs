@@ -241,20 +241,25 @@ fn write_file(
 /// Removes cache files of other format versions (1.4 GB each for the 20b): this library can no
 /// longer read them, and their names (keyed by version) would never be reused.
 fn remove_other_versions(dir: &Path) {
+    remove_entries(dir, |entry| {
+        let path = entry.path();
+        let mut head = [0u8; 12];
+        path.extension().is_some_and(|e| e == "bin")
+            && File::open(&path)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                .is_ok()
+            && &head[..8] == MAGIC
+            && head[8..12] != VERSION.to_le_bytes()
+    });
+}
+
+/// Removes the files of `dir` for which `stale` holds (best effort: a cache).
+fn remove_entries(dir: &Path, stale: impl Fn(&std::fs::DirEntry) -> bool) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let mut head = [0u8; 12];
-        let read = File::open(&path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
-        if path.extension().is_some_and(|e| e == "bin")
-            && read.is_ok()
-            && &head[..8] == MAGIC
-            && head[8..12] != VERSION.to_le_bytes()
-        {
-            let _ = std::fs::remove_file(&path);
-        }
+    for entry in entries.flatten().filter(|e| stale(e)) {
+        let _ = std::fs::remove_file(entry.path());
     }
 }
 
@@ -300,10 +305,7 @@ fn write_sections(
 /// ago: a live build writes its file continuously.
 fn remove_abandoned_builds(dir: &Path, key: u64) {
     let prefix = format!(".{key:016x}.");
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
+    remove_entries(dir, |entry| {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         let idle = entry
@@ -311,13 +313,10 @@ fn remove_abandoned_builds(dir: &Path, key: u64) {
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok());
-        if name.starts_with(&prefix)
+        name.starts_with(&prefix)
             && name.ends_with(".tmp")
             && idle.is_some_and(|d| d.as_secs() > 3600)
-        {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
+    });
 }
 
 /// Zeros from `*at` up to `to`.
