@@ -171,6 +171,18 @@ pub enum Layers {
     Bf16(Vec<LayerCache<Bf16>>),
 }
 
+/// `$body` with `$caches` bound to the `Vec<LayerCache<E>>` of `$layers` (a [`Layers`], or a
+/// reference to one), whichever element type it holds: the code is the same for both.
+macro_rules! with_layers {
+    ($layers:expr, |$caches:ident| $body:expr) => {
+        match $layers {
+            $crate::kv_cache::Layers::F32($caches) => $body,
+            $crate::kv_cache::Layers::Bf16($caches) => $body,
+        }
+    };
+}
+pub(crate) use with_layers;
+
 pub struct KvCache {
     pub layers: Layers,
     /// Token ids in the cache, in order.
@@ -269,10 +281,10 @@ impl KvCache {
     }
 
     pub fn bytes(&self) -> usize {
-        match &self.layers {
-            Layers::F32(layers) => layers.iter().map(LayerCache::bytes).sum(),
-            Layers::Bf16(layers) => layers.iter().map(LayerCache::bytes).sum(),
-        }
+        with_layers!(&self.layers, |layers| layers
+            .iter()
+            .map(LayerCache::bytes)
+            .sum())
     }
 
     /// What a session file stores per layer, in the cache's own layout and element type: the keys
@@ -284,10 +296,10 @@ impl KvCache {
             let (keys, values) = (&l.keys[..n], &l.values[..n]);
             (n, bytemuck::cast_slice(keys), bytemuck::cast_slice(values))
         }
-        match &self.layers {
-            Layers::F32(layers) => layers.iter().map(|l| data(l, self.len())).collect(),
-            Layers::Bf16(layers) => layers.iter().map(|l| data(l, self.len())).collect(),
-        }
+        with_layers!(&self.layers, |layers| layers
+            .iter()
+            .map(|l| data(l, self.len()))
+            .collect())
     }
 
     pub fn ring_valid_from(&self) -> usize {
@@ -313,10 +325,10 @@ impl KvCache {
                 "ring_valid_from {ring_valid_from} is past the {tokens} tokens"
             ));
         }
-        let expected: Vec<usize> = match &self.layers {
-            Layers::F32(layers) => layers.iter().map(|l| l.stored_len(tokens)).collect(),
-            Layers::Bf16(layers) => layers.iter().map(|l| l.stored_len(tokens)).collect(),
-        };
+        let expected: Vec<usize> = with_layers!(&self.layers, |layers| layers
+            .iter()
+            .map(|l| l.stored_len(tokens))
+            .collect());
         if layer_values.len() != expected.len() {
             return Err(format!(
                 "{} layers, expected {}",
@@ -355,10 +367,11 @@ impl KvCache {
             }
             Ok(())
         }
-        match &mut self.layers {
-            Layers::F32(layers) => fill(layers, tokens.len(), &mut read)?,
-            Layers::Bf16(layers) => fill(layers, tokens.len(), &mut read)?,
-        }
+        with_layers!(&mut self.layers, |layers| fill(
+            layers,
+            tokens.len(),
+            &mut read
+        ))?;
         self.tokens = tokens;
         self.ring_valid_from = ring_valid_from;
         Ok(())

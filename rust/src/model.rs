@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::error::{try_with_capacity, Error, Result};
 use crate::kernels::attention::{self, KvElement, Query};
 use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, Precision, WeightMatrix};
-use crate::kv_cache::{KvCache, KvFormat, LayerCache, Layers};
+use crate::kv_cache::{with_layers, KvCache, KvFormat, LayerCache};
 use crate::weights::{DenseFormat, LayerWeights, Linear, Mxfp4Experts, Weights};
 
 /// Tokens per forward chunk: bounds activation memory for long prompts.
@@ -294,14 +294,9 @@ impl Model {
         }
         for (l, layer) in self.weights.layers.iter().enumerate() {
             let window = c.is_sliding(l).then_some(c.sliding_window);
-            match &mut cache.layers {
-                Layers::F32(caches) => {
-                    self.attention_block(layer, &mut x, &rope, &mut caches[l], first, window)
-                }
-                Layers::Bf16(caches) => {
-                    self.attention_block(layer, &mut x, &rope, &mut caches[l], first, window)
-                }
-            }
+            with_layers!(&mut cache.layers, |caches| {
+                self.attention_block(layer, &mut x, &rope, &mut caches[l], first, window)
+            });
             let routes = self.moe_block(layer, &mut x);
             if let Some(trace) = trace.as_deref_mut() {
                 trace.topk_idx[l].extend(
