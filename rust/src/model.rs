@@ -858,4 +858,124 @@ mod tests {
         assert!((z[0] - 7.0 * sig(7.0) * 8.0).abs() < 1e-5);
         assert!((z[1] - (-10.0 * sig(-10.0))).abs() < 1e-6);
     }
+
+    /// One array of a numpy `.npz` (a zip of `.npy` files): its shape and little-endian data.
+    fn npz_array(path: &Path, name: &str) -> (Vec<usize>, Vec<u8>) {
+        use std::io::Read;
+        let file = std::fs::File::open(path).unwrap();
+        let mut archive = zip::ZipArchive::new(file).unwrap();
+        let mut npy = Vec::new();
+        archive
+            .by_name(&format!("{name}.npy"))
+            .unwrap()
+            .read_to_end(&mut npy)
+            .unwrap();
+        // Magic, version, then the header's length: 2 bytes in version 1, 4 after.
+        assert_eq!(&npy[..6], b"\x93NUMPY");
+        let (length, start) = match npy[6] {
+            1 => (u16::from_le_bytes([npy[8], npy[9]]) as usize, 10),
+            _ => (
+                u32::from_le_bytes(npy[8..12].try_into().unwrap()) as usize,
+                12,
+            ),
+        };
+        let header = std::str::from_utf8(&npy[start..start + length]).unwrap();
+        assert!(header.contains("'fortran_order': False"), "{header}");
+        let shape = header.split("'shape': (").nth(1).unwrap();
+        let shape = shape[..shape.find(')').unwrap()]
+            .split(',')
+            .filter(|d| !d.trim().is_empty())
+            .map(|d| d.trim().parse().unwrap())
+            .collect();
+        (shape, npy[start + length..].to_vec())
+    }
+
+    /// Every instruction set this CPU supports (NEON included, where the tests run on aarch64)
+    /// reproduces the golden fp32 logits of the tiny checkpoints end to end, at position 0 and at
+    /// an offset, and the fast path stays within OpenAI's bf16 path's error and argmax agreement,
+    /// as the Python suite holds the x86 kernels to.
+    #[test]
+    fn every_isa_reproduces_the_golden_logits_of_the_tiny_checkpoints() {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/models");
+        for name in ["tiny-a", "tiny-b"] {
+            let dir = models.join(name);
+            let reference = dir.join("reference.npz");
+            let (_, ids) = npz_array(&reference, "input_ids");
+            let words = |bytes: &[u8]| -> Vec<[u8; 4]> {
+                bytes
+                    .chunks_exact(4)
+                    .map(|w| w.try_into().unwrap())
+                    .collect()
+            };
+            let ids: Vec<u32> = words(&ids)
+                .into_iter()
+                .map(|w| i32::from_le_bytes(w) as u32)
+                .collect();
+            let (_, offset) = npz_array(&reference, "position_offset");
+            let offset = i32::from_le_bytes(words(&offset)[0]) as usize;
+            let golden = |array: &str| {
+                let (shape, data) = npz_array(&reference, array);
+                assert_eq!((shape.len(), shape[0]), (2, ids.len()), "{array}");
+                let values = words(&data).into_iter().map(f32::from_le_bytes);
+                (values.collect::<Vec<f32>>(), shape[1])
+            };
+            let (logits, vocab) = golden("logits");
+            let (offset_logits, _) = golden("logits_pos_offset");
+            let crosscheck: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("crosscheck_openai.json")).unwrap(),
+            )
+            .unwrap();
+            let bf16 = &crosscheck["bfloat16-native"];
+            let (bf16_max, bf16_argmax) = (
+                bf16["max_abs"].as_f64().unwrap() as f32,
+                bf16["argmax_agree"].as_u64().unwrap() as usize,
+            );
+            let max_diff = |got: &[f32], want: &[f32]| {
+                assert_eq!(got.len(), want.len());
+                got.iter()
+                    .zip(want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0f32, f32::max)
+            };
+            let argmax = |row: &[f32]| {
+                (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best })
+            };
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+                let load = |precision| {
+                    let options = LoadOptions {
+                        threads: Some(2),
+                        isa: Some(isa),
+                        precision,
+                        dense: DenseFormat::Bf16,
+                        kv_cache: KvFormat::F32,
+                    };
+                    Model::load(&dir, options).unwrap()
+                };
+                let exact = load(Precision::Exact);
+                let diff = max_diff(&exact.forward(&ids, 0).unwrap(), &logits);
+                assert!(diff <= 1e-3, "{name} {isa:?} exact: max |diff| {diff:e}");
+                let diff = max_diff(&exact.forward(&ids, offset).unwrap(), &offset_logits);
+                assert!(
+                    diff <= 1e-3,
+                    "{name} {isa:?} exact at {offset}: max |diff| {diff:e}"
+                );
+
+                let fast = load(Precision::Fast).forward(&ids, 0).unwrap();
+                let diff = max_diff(&fast, &logits);
+                assert!(
+                    diff <= bf16_max,
+                    "{name} {isa:?} fast: max |diff| {diff} > {bf16_max}"
+                );
+                let agree = fast
+                    .chunks_exact(vocab)
+                    .zip(logits.chunks_exact(vocab))
+                    .filter(|(g, w)| argmax(g) == argmax(w))
+                    .count();
+                assert!(
+                    agree >= bf16_argmax,
+                    "{name} {isa:?} fast: argmax agrees at {agree}"
+                );
+            }
+        }
+    }
 }
