@@ -94,13 +94,12 @@ pub fn attend<S: KeyValues>(
     out: &mut [f32],
 ) {
     match isa {
-        Isa::Scalar => attend_generic(kv, query, scores, out),
         // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { attend_avx2(kv, query, scores, out) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { attend_avx512(kv, query, scores, out) },
-        #[cfg(not(target_arch = "x86_64"))]
+        // Scalar, and NEON: aarch64's baseline, so the generic code is already vectorised for it.
         _ => attend_generic(kv, query, scores, out),
     }
 }

@@ -1,10 +1,10 @@
 //! The compute kernels behind one narrow interface: matrix × activations for bf16 and MXFP4 weights.
 //!
-//! Each instruction set lives in its own file (`scalar.rs`, `avx2.rs`, `avx512.rs`) and provides
-//! the same two functions, `matmul_bf16` and `matmul_mxfp4`, over a block of output rows; [`Isa`]
-//! picks one at run time (never at build time, so one wheel runs on any x86-64). The scalar kernels
-//! are the oracle every SIMD kernel is tested against. The drivers here split output rows over the
-//! current rayon pool.
+//! Each instruction set lives in its own file (`scalar.rs`, `avx2.rs`, `avx512.rs`, `neon.rs`) and
+//! provides the same functions (`matmul_bf16`, `matmul_mxfp4`, and the 8-bit products) over a block
+//! of output rows; [`Isa`] picks one at run time (never at build time, so one wheel runs on any
+//! x86-64, and one on any aarch64). The scalar kernels are the oracle every SIMD kernel is tested
+//! against. The drivers here split output rows over the current rayon pool.
 
 use std::sync::OnceLock;
 
@@ -15,6 +15,8 @@ pub mod attention;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod q8;
 pub mod scalar;
 
@@ -33,25 +35,28 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512,
+    Neon,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+    /// Every instruction set, from the least to the most preferred where several are supported.
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
         }
     }
 
-    /// The instruction set called `name` (`"scalar"`, `"avx2"` or `"avx512"`).
+    /// The instruction set called `name` (`"scalar"`, `"avx2"`, `"avx512"` or `"neon"`).
     pub fn from_name(name: &str) -> Result<Isa, String> {
         Isa::ALL
             .into_iter()
             .find(|i| i.name() == name)
-            .ok_or_else(|| format!("expected one of scalar, avx2, avx512, found {name:?}"))
+            .ok_or_else(|| format!("expected one of scalar, avx2, avx512, neon, found {name:?}"))
     }
 
     /// Whether this CPU can run the kernels of `self`.
@@ -66,7 +71,8 @@ impl Isa {
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             _ => false,
         }
     }
@@ -138,6 +144,26 @@ fn has_avx512_bf16() -> bool {
     *BF16.get_or_init(|| is_x86_feature_detected!("avx512bf16"))
 }
 
+/// The optional extensions of this CPU that the kernels use where present: VNNI and BF16 with
+/// AVX-512, the dot product with NEON.
+pub fn cpu_extensions() -> Vec<&'static str> {
+    let mut found = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512_vnni() {
+            found.push("avx512vnni");
+        }
+        if has_avx512_bf16() {
+            found.push("avx512bf16");
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if neon::has_dotprod() {
+        found.push("dotprod");
+    }
+    found
+}
+
 /// The instruction set models use unless told otherwise: chosen once, at first use.
 pub fn default_isa() -> Result<Isa, String> {
     static DEFAULT: OnceLock<Result<Isa, String>> = OnceLock::new();
@@ -145,11 +171,13 @@ pub fn default_isa() -> Result<Isa, String> {
 }
 
 /// Up to this many tokens, exact bf16 products on AVX-512 BF16 split the activations into parts.
+#[cfg(target_arch = "x86_64")]
 const EXACT_BF16_PARTS_TOKENS: usize = 1;
 
 /// `x` as three bf16 values that sum to it exactly: each is `x`'s remainder truncated to its top
 /// 8 significant bits, and an f32 has 24. Exact for finite |x| >= 2^-102, where no part is
 /// subnormal (`vdpbf16ps` flushes subnormals; activations are never that small).
+#[cfg(target_arch = "x86_64")]
 fn split_bf16(x: f32) -> [u16; 3] {
     let high = (x.to_bits() >> 16) as u16;
     let rest = x - f32::from_bits((high as u32) << 16);
@@ -159,6 +187,7 @@ fn split_bf16(x: f32) -> [u16; 3] {
 }
 
 /// From this many tokens on, AVX-512 runs 8-bit MXFP4 products with the tokens in vector lanes.
+#[cfg(target_arch = "x86_64")]
 const COLUMN_KERNEL_TOKENS: usize = 16;
 
 /// Weight bytes per parallel task: enough for the hardware prefetcher to get up to speed and to
@@ -299,11 +328,13 @@ enum Activations<'a> {
     /// 8-bit, `[tokens, spans]` (the SIMD kernels).
     Q8Spans(Vec<q8::Q8Span>),
     /// 8-bit, tokens in vector lanes (the AVX-512 prefill kernel).
+    #[cfg(target_arch = "x86_64")]
     Q8Columns(q8::TokenColumns),
     /// 8-bit, `[tokens, groups of blocks]` (the SIMD kernels for 8-bit weights).
     Q8Groups(Vec<q8::Q8Group>),
     /// `[tokens, parts, cols]` bf16 bits (`vdpbf16ps`): one part rounded (fast), or three that
     /// sum to the f32 exactly (exact).
+    #[cfg(target_arch = "x86_64")]
     Bf16Parts {
         parts: usize,
         bits: Vec<u16>,
@@ -323,6 +354,7 @@ fn prepare_activations<'a>(
             Activations::Q8Groups(q8::to_groups(&q8::quantize(x), cols))
         }
         (_, WeightMatrix::Q8 { .. }, _) => Activations::Q8(q8::quantize(x)),
+        #[cfg(target_arch = "x86_64")]
         (Isa::Avx512, WeightMatrix::Mxfp4 { .. }, Precision::Fast)
             if q8_kernels(isa) == Isa::Avx512 && x.len() >= COLUMN_KERNEL_TOKENS * cols =>
         {
@@ -368,12 +400,12 @@ fn prepare_activations<'a>(
                 _ => unreachable!("exact bf16 activations are fp32"),
             }
         }
-        (Isa::Scalar, _, _) => Activations::F32(x.into()),
+        (Isa::Scalar, _, _) | (Isa::Neon, WeightMatrix::Bf16(_), _) => Activations::F32(x.into()),
         (Isa::Avx512, WeightMatrix::Bf16(_), _) => {
             Activations::F32(unpack_order(x, cols, 32).into())
         }
         (Isa::Avx2, WeightMatrix::Bf16(_), _) => Activations::F32(unpack_order(x, cols, 16).into()),
-        (Isa::Avx2, WeightMatrix::Mxfp4 { .. }, _) => {
+        (Isa::Avx2 | Isa::Neon, WeightMatrix::Mxfp4 { .. }, _) => {
             Activations::F32(deinterleave_pairs(x).into())
         }
         (Isa::Avx512, WeightMatrix::Mxfp4 { .. }, _) => {
@@ -404,8 +436,9 @@ fn run_kernel(
                 Isa::Avx2 => unsafe { avx2::matmul_bf16(x, tokens, w, cols, out) },
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 => unsafe { avx512::matmul_bf16(x, tokens, w, cols, out) },
-                #[cfg(not(target_arch = "x86_64"))]
-                _ => unreachable!("no SIMD kernels on this architecture"),
+                #[cfg(target_arch = "aarch64")]
+                Isa::Neon => unsafe { neon::matmul_bf16(x, tokens, w, cols, out) },
+                _ => unreachable!("no {} kernels on this architecture", isa.name()),
             }
         }
         (WeightMatrix::Mxfp4 { blocks, scales }, x) => {
@@ -430,6 +463,10 @@ fn run_kernel(
                 (Activations::Q8Spans(spans), Isa::Avx2) => unsafe {
                     avx2::matmul_mxfp4_q8(spans, tokens, blocks, scales, cols, out)
                 },
+                #[cfg(target_arch = "aarch64")]
+                (Activations::Q8Spans(spans), Isa::Neon) => unsafe {
+                    neon::matmul_mxfp4_q8(spans, tokens, blocks, scales, cols, out)
+                },
                 (Activations::F32(x), _) => match isa {
                     Isa::Scalar => scalar::matmul_mxfp4(x, tokens, blocks, scales, cols, out),
                     #[cfg(target_arch = "x86_64")]
@@ -440,8 +477,11 @@ fn run_kernel(
                     Isa::Avx512 => unsafe {
                         avx512::matmul_mxfp4(x, tokens, blocks, scales, cols, out)
                     },
-                    #[cfg(not(target_arch = "x86_64"))]
-                    _ => unreachable!("no SIMD kernels on this architecture"),
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::Neon => unsafe {
+                        neon::matmul_mxfp4(x, tokens, blocks, scales, cols, out)
+                    },
+                    _ => unreachable!("no {} kernels on this architecture", isa.name()),
                 },
                 _ => unreachable!("activations prepared for another kernel"),
             }
@@ -463,15 +503,22 @@ fn run_kernel(
                 Activations::Q8(q) => {
                     scalar::matmul_q8_q8(&q.codes, &q.scales, tokens, codes, scales, cols, out)
                 }
-                // SAFETY: `prepare_activations` gave groups only where `q8_kernels` runs SIMD.
-                #[cfg(target_arch = "x86_64")]
-                Activations::Q8Groups(groups) => unsafe {
-                    match q8_kernels(isa) {
-                        Isa::Avx512 => {
-                            avx512::matmul_q8_q8(groups, tokens, codes, scales, cols, out)
-                        }
-                        _ => avx2::matmul_q8_q8(groups, tokens, codes, scales, cols, out),
-                    }
+                // SAFETY: `prepare_activations` gave groups only where `q8_kernels` runs SIMD,
+                // whose support it checked.
+                Activations::Q8Groups(groups) => match q8_kernels(isa) {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => unsafe {
+                        avx512::matmul_q8_q8(groups, tokens, codes, scales, cols, out)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe {
+                        avx2::matmul_q8_q8(groups, tokens, codes, scales, cols, out)
+                    },
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::Neon => unsafe {
+                        neon::matmul_q8_q8(groups, tokens, codes, scales, cols, out)
+                    },
+                    other => unreachable!("no {} 8-bit kernels", other.name()),
                 },
                 _ => unreachable!("8-bit weights take 8-bit activations"),
             }
@@ -500,6 +547,8 @@ fn q8_kernels(isa: Isa) -> Isa {
         Isa::Avx512 if has_avx512_vnni() => Isa::Avx512,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 if Isa::Avx2.is_supported() => Isa::Avx2,
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => Isa::Neon,
         _ => Isa::Scalar,
     }
 }
@@ -1036,6 +1085,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn split_bf16_parts_sum_to_the_f32_exactly() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let mut values = random_f32(&mut rng, 10_000);
