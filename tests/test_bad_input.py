@@ -11,9 +11,12 @@ therefore broken only where intended.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -653,3 +656,59 @@ def test_a_non_finite_weight_is_refused_by_the_q8_build(ckpt: Path) -> None:
     )
     # The bf16 path reads the weights as they are (and would pass the NaN on to the logits).
     assert gpt_oss_cpu.Model.load(ckpt).dense == "bf16"
+
+
+ISAS = ("scalar", "avx2", "avx512", "neon")
+
+
+def test_an_unknown_isa_is_named_with_the_choices(tiny_a_dir: Path) -> None:
+    expect_error(
+        InputError,
+        lambda: gpt_oss_cpu.Model.load(tiny_a_dir, isa="sse4"),  # type: ignore[arg-type]
+        r'"sse4"',
+        r"scalar, avx2, avx512, neon",
+    )
+
+
+def test_an_isa_this_cpu_lacks_is_refused(tiny_a_dir: Path) -> None:
+    supported = gpt_oss_cpu.build_info()["supported_isas"]
+    lacking = [isa for isa in ISAS if isa not in supported]
+    assert lacking, "every instruction set is supported: no CPU has both x86 and NEON"
+    for isa in lacking:
+        expect_error(
+            InputError,
+            lambda: gpt_oss_cpu.Model.load(tiny_a_dir, isa=isa),  # noqa: B023
+            rf"this CPU does not support {isa}",
+        )
+
+
+def test_build_info_reports_the_isas_and_extensions_this_cpu_has() -> None:
+    info = gpt_oss_cpu.build_info()
+    supported = info["supported_isas"]
+    assert "scalar" in supported and set(supported) <= set(ISAS)
+    assert info["isa"] == supported[-1], "the default is the most preferred supported ISA"
+    extensions = set(info["cpu_extensions"])
+    assert extensions <= {"avx512vnni", "avx512bf16", "dotprod"}
+    cpuinfo = Path("/proc/cpuinfo")
+    if info["target_arch"] == "x86_64" and cpuinfo.exists():
+        flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo.read_text(), re.M).group(1).split())
+        assert ("avx512" in supported) == ({"avx512f", "avx512bw", "avx512vl"} <= flags)
+        assert ("avx512vnni" in extensions) == ("avx512_vnni" in flags)
+        assert ("avx512bf16" in extensions) == ("avx512_bf16" in flags)
+
+
+def test_gpt_oss_cpu_isa_picks_the_default_in_a_fresh_process() -> None:
+    def default_isa(value: str) -> tuple[str, str]:
+        """build_info()'s ``isa`` and ``isa_error`` in a process started with GPT_OSS_CPU_ISA."""
+        code = "import gpt_oss_cpu; i = gpt_oss_cpu.build_info()\n"
+        code += "print(i.get('isa')); print(i.get('isa_error'))"
+        env = {**os.environ, "GPT_OSS_CPU_ISA": value}
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        isa, error = run.stdout.splitlines()
+        return isa, error
+
+    assert default_isa("scalar") == ("scalar", "None")
+    lacking = next(isa for isa in ISAS if isa not in gpt_oss_cpu.build_info()["supported_isas"])
+    isa, error = default_isa(lacking)
+    assert isa == "None"
+    assert f"GPT_OSS_CPU_ISA={lacking}: this CPU does not support {lacking}" in error

@@ -478,7 +478,7 @@ def test_threads_invariance(model_dir: Path, ref, model_name: str, report: Repor
         assert max_abs_diff(s1.append(ids[:40]), s2.append(ids[:40])) <= THREADS_TOL
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "neon"])
 def test_every_kernel_isa_matches_golden(
     model_dir: Path, ref, isa: str, model_name: str, report: Report
 ) -> None:
@@ -527,7 +527,7 @@ def assert_as_accurate_as_the_bf16_reference(
 
 
 @pytest.mark.parametrize("dense", ["bf16", "q8"])
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "neon"])
 def test_fast_precision_is_at_least_as_accurate_as_the_reference_bf16_path(
     model_dir: Path, ref, isa: str, dense: str, model_name: str, report: Report
 ) -> None:
@@ -548,7 +548,7 @@ def test_fast_precision_is_at_least_as_accurate_as_the_reference_bf16_path(
 
 
 @pytest.mark.parametrize("precision", ["exact", "fast"])
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "neon"])
 def test_bf16_kv_cache_is_at_least_as_accurate_as_the_reference_bf16_path(
     model_dir: Path, ref, isa: str, precision: str, model_name: str, report: Report
 ) -> None:

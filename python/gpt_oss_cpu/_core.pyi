@@ -58,7 +58,7 @@ class Engine:
     def load(
         path: str,
         threads: int | None = None,
-        isa: Literal["scalar", "avx2", "avx512"] | None = None,
+        isa: Literal["scalar", "avx2", "avx512", "neon"] | None = None,
         precision: Literal["exact", "fast"] = "exact",
         dense: Literal["bf16", "q8"] = "bf16",
         kv_cache: Literal["f32", "bf16"] = "f32",
@@ -72,7 +72,7 @@ class Engine:
     @property
     def threads(self) -> int: ...
     @property
-    def isa(self) -> Literal["scalar", "avx2", "avx512"]: ...
+    def isa(self) -> Literal["scalar", "avx2", "avx512", "neon"]: ...
     @property
     def precision(self) -> Literal["exact", "fast"]: ...
     @property
@@ -175,7 +175,7 @@ def build_info() -> dict[str, object]: ...
 def matmul_bf16(
     x: npt.NDArray[np.float32],
     w: npt.NDArray[np.uint16],
-    isa: Literal["scalar", "avx2", "avx512"] | None = None,
+    isa: Literal["scalar", "avx2", "avx512", "neon"] | None = None,
     precision: Literal["exact", "fast"] = "exact",
 ) -> npt.NDArray[np.float32]: ...
 def quantize_q8(
@@ -185,12 +185,12 @@ def matmul_q8(
     x: npt.NDArray[np.float32],
     codes: npt.NDArray[np.uint8],
     scales: npt.NDArray[np.float32],
-    isa: Literal["scalar", "avx2", "avx512"] | None = None,
+    isa: Literal["scalar", "avx2", "avx512", "neon"] | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def matmul_mxfp4(
     x: npt.NDArray[np.float32],
     blocks: npt.NDArray[np.uint8],
     scales: npt.NDArray[np.uint8],
-    isa: Literal["scalar", "avx2", "avx512"] | None = None,
+    isa: Literal["scalar", "avx2", "avx512", "neon"] | None = None,
     precision: Literal["exact", "fast"] = "exact",
 ) -> npt.NDArray[np.float32]: ...

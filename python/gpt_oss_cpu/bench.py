@@ -46,6 +46,7 @@ from . import synthetic
 
 if TYPE_CHECKING:
     from ._core import Config
+    from .model import IsaName
 
 __all__ = [
     "BenchResult",
@@ -292,7 +293,7 @@ def run_benchmark(
     tg: int = 128,
     depth: int = 0,
     threads: int | None = None,
-    isa: Literal["scalar", "avx2", "avx512"] | None = None,
+    isa: IsaName | None = None,
     precision: Literal["exact", "fast"] = "exact",
     dense: Literal["bf16", "q8"] = "bf16",
     kv_cache: Literal["f32", "bf16"] = "f32",

@@ -578,7 +578,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N")
     p.add_argument(
         "--isa",
-        choices=("scalar", "avx2", "avx512"),
+        choices=("scalar", "avx2", "avx512", "neon"),
         default=None,
         help="kernel instruction set (default: the best this CPU has)",
     )

@@ -18,6 +18,9 @@ import numpy.typing as npt
 from . import _core
 from ._core import Config, InputError
 
+#: The kernel instruction sets (``Model.load(isa=...)``, ``GPT_OSS_CPU_ISA``).
+IsaName = Literal["scalar", "avx2", "avx512", "neon"]
+
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
@@ -78,7 +81,7 @@ class Model:
         path: str | os.PathLike[str],
         *,
         threads: int | None = None,
-        isa: Literal["scalar", "avx2", "avx512"] | None = None,
+        isa: IsaName | None = None,
         precision: Literal["exact", "fast"] = "exact",
         dense: Literal["bf16", "q8"] = "bf16",
         kv_cache: Literal["f32", "bf16"] = "f32",
@@ -141,7 +144,8 @@ class Model:
 
     @property
     def isa(self) -> str:
-        """Instruction set of the matrix kernels: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+        """Instruction set of the matrix kernels: ``"scalar"``, ``"avx2"``, ``"avx512"`` or
+        ``"neon"``."""
         return self._engine.isa
 
     @property

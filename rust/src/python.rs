@@ -925,7 +925,14 @@ fn matmul_mxfp4<'py>(
     array2(py, y, rows)
 }
 
-/// Version, kernel instruction set and build details.
+/// Version, kernel instruction sets and build details: ``isa`` (the default, or ``isa_error`` if
+/// ``GPT_OSS_CPU_ISA`` names one this CPU lacks), ``supported_isas``, ``cpu_extensions`` (those
+/// the kernels use where present: ``avx512vnni``, ``avx512bf16``, ``dotprod``), ``target_arch``,
+/// ``debug_assertions`` and ``default_threads``.
+///
+/// Example:
+///     >>> gpt_oss_cpu.build_info()["supported_isas"]  # doctest: +SKIP
+///     ['scalar', 'avx2', 'avx512']
 #[pyfunction]
 fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let info = PyDict::new(py);
@@ -940,6 +947,7 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         .map(Isa::name)
         .collect();
     info.set_item("supported_isas", supported)?;
+    info.set_item("cpu_extensions", kernels::cpu_extensions())?;
     info.set_item("target_arch", std::env::consts::ARCH)?;
     info.set_item("debug_assertions", cfg!(debug_assertions))?;
     info.set_item("default_threads", crate::model::default_threads())?;
