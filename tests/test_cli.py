@@ -17,8 +17,10 @@ SUMMARY = re.compile(
 )
 
 
-def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+def run_cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "gpt_oss_cpu", *args],
         input=stdin,
@@ -129,21 +131,11 @@ def test_synth_matches_write_checkpoint(tmp_path: Path, tiny_dir: Path) -> None:
         assert (out / rel).read_bytes() == (tiny_dir / rel).read_bytes(), rel
 
 
-def test_a_slow_q8_load_says_it_is_building_the_cache(monkeypatch, capsys) -> None:
-    import argparse
-    import time
-
-    from gpt_oss_cpu import cli
-
-    def slow_load(path: str, **options: object) -> str:
-        time.sleep(0.3)
-        return f"model at {path} with {options['dense']}"
-
-    monkeypatch.setattr(gpt_oss_cpu.Model, "load", slow_load)
-    monkeypatch.setattr(cli, "SLOW_LOAD_NOTE_S", 0.05)
-    options = {"threads": None, "isa": None, "precision": "fast", "kv_cache": "f32"}
-    for dense, noted in (("q8", True), ("bf16", False)):
-        args = argparse.Namespace(dense=dense, **options)
-        assert cli._load_model(Path("/ckpt"), args) == f"model at /ckpt with {dense}"
-        err = capsys.readouterr().err
-        assert ("building the 8-bit dense cache of /ckpt" in err) == noted, err
+def test_the_first_q8_load_shows_a_progress_bar(tiny_dir: Path, tmp_path: Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = ("generate", "--model", str(tiny_dir), "--max-new-tokens", "2", "--precision", "fast")
+    for dense, shown in (("q8", True), ("q8", False), ("bf16", False)):
+        result = run_cli(*args, "--dense", dense, "Hello", env=env)
+        assert result.returncode == 0, result.stderr
+        bar = re.search(r"building the 8-bit dense cache.*100%", result.stderr)
+        assert (bar is not None) == shown, result.stderr

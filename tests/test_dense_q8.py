@@ -148,3 +148,45 @@ def test_a_new_cache_file_replaces_those_of_older_format_versions(tiny_a_dir: Pa
     assert not old.exists()
     assert unrelated.exists()
     assert len(cache_files(cache)) == 2  # the new file and the unrelated one
+
+
+def test_progress_follows_the_first_build_only(tiny_a_dir: Path, cache: Path):
+    reports: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        reports.append((done, total))
+
+    gpt_oss_cpu.Model.load(tiny_a_dir, precision="fast", dense="q8", progress=progress)
+    [file] = cache_files(cache)
+    total = file.stat().st_size
+    assert reports and all(t == total for _, t in reports)
+    done = [d for d, _ in reports]
+    assert done == sorted(done) and done[-1] == total
+    reports.clear()
+    gpt_oss_cpu.Model.load(tiny_a_dir, precision="fast", dense="q8", progress=progress)
+    assert reports == [], "mapping the cache reported a build"
+    gpt_oss_cpu.Model.load(tiny_a_dir, progress=progress)
+    assert reports == [], "a bf16 load reported a build"
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_an_exception_from_progress_cancels_the_build(
+    tiny_a_dir: Path, cache: Path, writable: bool, monkeypatch: pytest.MonkeyPatch
+):
+    if not writable:
+        blocker = cache.parent / "not-a-directory"
+        blocker.write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+
+    class Stop(Exception):
+        pass
+
+    def stop(done: int, total: int) -> None:
+        raise Stop(f"{done} of {total}")
+
+    with pytest.raises(Stop, match=r"^\d+ of \d+$"):
+        gpt_oss_cpu.Model.load(tiny_a_dir, precision="fast", dense="q8", progress=stop)
+    if writable:
+        directory = cache / "gpt-oss-cpu" / "dense-q8"
+        assert list(directory.iterdir()) == [], "a cancelled build left files behind"
+    assert load_q8(tiny_a_dir).dense == "q8"

@@ -3,6 +3,7 @@
 Users import from :mod:`gpt_oss_cpu`; this module is the narrow boundary the Python layer wraps.
 """
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -62,6 +63,7 @@ class Engine:
         precision: Literal["exact", "fast"] = "exact",
         dense: Literal["bf16", "q8"] = "bf16",
         kv_cache: Literal["f32", "bf16"] = "f32",
+        progress: Callable[[int, int], object] | None = None,
     ) -> Engine: ...
     @property
     def config(self) -> Config: ...

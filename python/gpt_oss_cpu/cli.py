@@ -535,30 +535,23 @@ def _rate(tokens: int, seconds: float) -> str:
     return f"{tokens / seconds:.2f} tok/s" if seconds > 0 else "n/a tok/s"
 
 
-#: A ``--dense q8`` load still running after this many seconds is building its cache: say so.
-SLOW_LOAD_NOTE_S = 1.0
-
-
 def _load_model(model_dir: Path, args: argparse.Namespace) -> Model:
     """``Model.load`` with the options of :func:`_add_engine_options`. The first ``--dense q8``
-    load of a checkpoint writes its 8-bit cache (several seconds for the 20b), so a q8 load
-    still running after ``SLOW_LOAD_NOTE_S`` prints one line to stderr saying why."""
-    import threading
+    load of a checkpoint builds its 8-bit cache (several seconds for the 20b): a progress bar on
+    stderr shows it."""
+    from tqdm.auto import tqdm
 
     import gpt_oss_cpu
 
-    note = threading.Timer(
-        SLOW_LOAD_NOTE_S,
-        lambda: print(
-            f"[{PROG}] building the 8-bit dense cache of {model_dir} (first --dense q8 load of "
-            "this checkpoint; later loads map it)...",
-            file=sys.stderr,
-            flush=True,
-        ),
-    )
-    note.daemon = True
-    if args.dense == "q8":
-        note.start()
+    bar: tqdm | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            desc = f"[{PROG}] building the 8-bit dense cache (first --dense q8 load)"
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+        bar.update(done - bar.n)
+
     try:
         return gpt_oss_cpu.Model.load(
             str(model_dir),
@@ -567,9 +560,11 @@ def _load_model(model_dir: Path, args: argparse.Namespace) -> Model:
             precision=args.precision,
             dense=args.dense,
             kv_cache=args.kv_cache,
+            progress=progress,
         )
     finally:
-        note.cancel()
+        if bar is not None:
+            bar.close()
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:

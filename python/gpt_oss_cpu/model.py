@@ -85,6 +85,7 @@ class Model:
         precision: Literal["exact", "fast"] = "exact",
         dense: Literal["bf16", "q8"] = "bf16",
         kv_cache: Literal["f32", "bf16"] = "f32",
+        progress: Callable[[int, int], object] | None = None,
     ) -> Model:
         """Maps a checkpoint directory and checks every tensor's name, dtype and shape.
 
@@ -105,13 +106,17 @@ class Model:
                 the checkpoint. ``"q8"`` requantizes them at load to 8 bits per value with a scale
                 per 32 (as ggml's published GGUF stores them): 1.4 GB instead of 2.4 GB read per
                 decoded token. The first load writes them to a cache file
-                (``$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/``, 3-7 s for the 20b); later
-                loads map it. The bf16 pages are released. Needs ``precision="fast"``.
+                (``$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/``, 2-7 s for the 20b, see ``progress``);
+                later loads map it. The bf16 pages are released. Needs ``precision="fast"``.
             kv_cache: the element type of the sessions' cached keys and values: ``"f32"``
                 (default) or ``"bf16"`` (rounded to nearest even): half the memory (the 20b's
                 full-attention layers take 24 KiB per token instead of 48), and half the bytes
                 attention reads per decoded token, which matters at long context (at depth 16384,
                 0.41 GB instead of 0.81 GB per token). Logits then differ from the exact ones.
+            progress: called as ``progress(done, total)`` (bytes, from a worker thread) while
+                the first ``dense="q8"`` load of a checkpoint builds its cache, the only part of a
+                load that takes long; never called otherwise. An exception it raises cancels the
+                build (nothing is left in the cache) and propagates from ``load``.
 
         Raises:
             CheckpointError: a file or tensor is missing, truncated, corrupt, misshaped or mistyped.
@@ -119,7 +124,9 @@ class Model:
             InputError: an unknown ``isa``, ``precision``, ``dense`` or ``kv_cache``, an
                 instruction set this CPU lacks, or ``dense="q8"`` without ``precision="fast"``.
         """
-        engine = _core.Engine.load(os.fspath(path), threads, isa, precision, dense, kv_cache)
+        engine = _core.Engine.load(
+            os.fspath(path), threads, isa, precision, dense, kv_cache, progress
+        )
         return cls(engine)
 
     @property

@@ -30,6 +30,22 @@ const HEADER_BYTES: usize = 64;
 const ALIGN: usize = 4096;
 /// Rows quantized per write: bounds the staging buffer.
 const CHUNK_ROWS: usize = 4096;
+/// Bytes written between flushes to disk while building: a single flush at the end stalled for
+/// seconds with the progress already at 100 %.
+const SYNC_BYTES: usize = 64 << 20;
+
+/// Told `(bytes done, bytes in all)` as a build of the 8-bit weights goes on; returning false
+/// cancels it, and the load fails.
+pub type Progress<'a> = &'a (dyn Fn(usize, usize) -> bool + Sync);
+
+/// The error inside the `io::Error` of a build that [`Progress`] cancelled.
+#[derive(Debug, thiserror::Error)]
+#[error("the build of the 8-bit dense weights was cancelled")]
+struct Cancelled;
+
+fn cancelled() -> Error {
+    Error::Input(Cancelled.to_string())
+}
 
 /// The bytes behind the matrices: the mapped cache file, or anonymous memory.
 enum Store {
@@ -122,6 +138,7 @@ pub fn load_or_build(
     names: &[String],
     key: u64,
     isa: Isa,
+    progress: Progress,
 ) -> Result<Vec<Q8Matrix>> {
     let layout = Layout::new(sources);
     let cache = cache_path(key);
@@ -130,10 +147,17 @@ pub fn load_or_build(
     }
     check_finite(sources, names)?;
     if let Some(path) = cache {
-        if write_file(&path, sources, key, &layout, isa).is_ok() {
-            if let Some(map) = open_valid(&path, key, &layout) {
-                return Ok(layout.matrices(Store::File(map)));
+        match write_file(&path, sources, key, &layout, isa, progress) {
+            Ok(()) => {
+                if let Some(map) = open_valid(&path, key, &layout) {
+                    return Ok(layout.matrices(Store::File(map)));
+                }
             }
+            Err(e) if e.get_ref().is_some_and(|inner| inner.is::<Cancelled>()) => {
+                return Err(cancelled())
+            }
+            // Unwritable: build in memory.
+            Err(_) => {}
         }
     }
     let mut memory = MmapMut::map_anon(layout.len).map_err(|e| {
@@ -145,8 +169,12 @@ pub fn load_or_build(
     let _ = memory.advise(memmap2::Advice::HugePage); // only advice
     for (m, (codes, scales)) in sources.iter().zip(&layout.sections) {
         let (head, tail) = memory.split_at_mut(scales.start);
+        let end = scales.end;
         let scales = bytemuck::cast_slice_mut(&mut tail[..scales.len()]);
         quantize_rows(m, 0, &mut head[codes.clone()], scales, isa);
+        if !progress(end, layout.len) {
+            return Err(cancelled());
+        }
     }
     Ok(layout.matrices(Store::Memory(memory)))
 }
@@ -220,6 +248,7 @@ fn write_file(
     key: u64,
     layout: &Layout,
     isa: Isa,
+    progress: Progress,
 ) -> std::io::Result<()> {
     let dir = path.parent().expect("cache paths have a directory");
     std::fs::create_dir_all(dir)?;
@@ -228,7 +257,7 @@ fn write_file(
     static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let build = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let temporary = dir.join(format!(".{key:016x}.{}.{build}.tmp", std::process::id()));
-    let result = write_sections(&temporary, sources, key, layout, isa)
+    let result = write_sections(&temporary, sources, key, layout, isa, progress)
         .and_then(|()| std::fs::rename(&temporary, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&temporary);
@@ -269,13 +298,14 @@ fn write_sections(
     key: u64,
     layout: &Layout,
     isa: Isa,
+    progress: Progress,
 ) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)?;
     let mut file = std::io::BufWriter::new(file);
-    let mut at = 0;
+    let (mut at, mut synced) = (0, 0);
     for (m, (codes_at, scales_at)) in sources.iter().zip(&layout.sections) {
         pad(&mut file, &mut at, codes_at.start)?;
         let mut scales = vec![0f32; m.rows * m.cols / BLOCK];
@@ -289,6 +319,14 @@ fn write_sections(
             quantize_rows(m, first, codes, chunk_scales, isa);
             file.write_all(codes)?;
             at += codes.len();
+            if at - synced >= SYNC_BYTES {
+                file.flush()?;
+                file.get_ref().sync_data()?;
+                synced = at;
+            }
+            if !progress(synced, layout.len) {
+                return Err(std::io::Error::other(Cancelled));
+            }
         }
         pad(&mut file, &mut at, scales_at.start)?;
         file.write_all(bytemuck::cast_slice(&scales))?;
@@ -298,7 +336,9 @@ fn write_sections(
     let mut file = file.into_inner().map_err(|e| e.into_error())?;
     file.seek(std::io::SeekFrom::Start(0))?;
     file.write_all(&layout.header(key))?;
-    file.sync_all()
+    file.sync_all()?;
+    progress(layout.len, layout.len);
+    Ok(())
 }
 
 /// Removes temporary files of builds of `key` that stopped (a killed process) more than an hour

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
+use crate::dense_q8;
 use crate::error::{try_with_capacity, Error, Result};
 use crate::kernels::attention::{self, KvElement, Query};
 use crate::kernels::{self, scalar::bf16_to_f32, Isa, Matmul, Precision, WeightMatrix};
@@ -77,6 +78,16 @@ pub struct LoadOptions {
 impl Model {
     /// Maps a checkpoint directory (Hugging Face or `original/` layout) and checks every tensor.
     pub fn load(dir: &Path, options: LoadOptions) -> Result<Model> {
+        Model::load_with_progress(dir, options, &|_, _| true)
+    }
+
+    /// [`Model::load`], telling `progress` how the first `dense="q8"` load of a checkpoint
+    /// builds its cache of 8-bit weights (the only part of a load that takes long).
+    pub fn load_with_progress(
+        dir: &Path,
+        options: LoadOptions,
+        progress: dense_q8::Progress,
+    ) -> Result<Model> {
         let LoadOptions {
             threads,
             isa,
@@ -137,7 +148,7 @@ impl Model {
         // Before requantizing, which releases the bf16 pages the fingerprint samples.
         let fingerprint = weights.fingerprint(&config);
         if dense == DenseFormat::Q8 {
-            pool.install(|| weights.requantize_dense(fingerprint, &files, isa))?;
+            pool.install(|| weights.requantize_dense(fingerprint, &files, isa, progress))?;
         }
         Ok(Model {
             fingerprint,

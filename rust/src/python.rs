@@ -293,7 +293,8 @@ struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[staticmethod]
-    #[pyo3(signature = (path, threads=None, isa=None, precision="exact", dense="bf16", kv_cache="f32"))]
+    #[pyo3(signature = (path, threads=None, isa=None, precision="exact", dense="bf16", kv_cache="f32", progress=None))]
+    #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,
         path: PathBuf,
@@ -302,6 +303,7 @@ impl PyEngine {
         precision: &str,
         dense: &str,
         kv_cache: &str,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<PyEngine> {
         let options = LoadOptions {
             threads,
@@ -312,9 +314,26 @@ impl PyEngine {
             kv_cache: KvFormat::from_name(kv_cache)
                 .map_err(|e| input_error(py, format!("kv_cache: {e}")))?,
         };
-        let model = py
-            .detach(|| Model::load(&path, options))
-            .map_err(|e| to_py_err(py, e))?;
+        // `progress(done, total)` runs on a pool thread, with the GIL taken for the call; an
+        // exception it raises cancels the build and is raised here instead of the load's error.
+        let raised: Mutex<Option<PyErr>> = Mutex::new(None);
+        let report = |done: usize, total: usize| {
+            let Some(callback) = &progress else {
+                return true;
+            };
+            Python::attach(|py| match callback.call1(py, (done, total)) {
+                Ok(_) => true,
+                Err(e) => {
+                    *raised.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    false
+                }
+            })
+        };
+        let loaded = py.detach(|| Model::load_with_progress(&path, options, &report));
+        if let Some(e) = raised.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        let model = loaded.map_err(|e| to_py_err(py, e))?;
         Ok(PyEngine {
             model: Arc::new(model),
         })

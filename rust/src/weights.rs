@@ -208,6 +208,7 @@ impl Weights {
         fingerprint: u64,
         files: &[PathBuf],
         isa: Isa,
+        progress: dense_q8::Progress,
     ) -> Result<()> {
         let key = dense_q8::cache_key(fingerprint, files);
         let mut sources: Vec<&Bf16Matrix> = Vec::new();
@@ -218,7 +219,8 @@ impl Weights {
         }
         sources.push(&self.unembedding);
         names.push("unembedding".into());
-        let mut matrices = dense_q8::load_or_build(&sources, &names, key, isa)?.into_iter();
+        let mut matrices =
+            dense_q8::load_or_build(&sources, &names, key, isa, progress)?.into_iter();
         for source in &sources {
             source.bytes.release();
         }
