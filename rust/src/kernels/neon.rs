@@ -173,8 +173,9 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
 }
 
 /// Signed 8-bit dot products of 4-byte pieces: lane `i` of the result is `acc[i] + Σ_{k<4}
-/// a[4i + k] · b[4i + k]`, by `sdot` if `SDOT`, else by widening multiplies, whose pairwise 16-bit
-/// sums stay within 2 · 128 · 127 (exact).
+/// a[4i + k] · b[4i + k]`, by `sdot` if `SDOT`, else by widening multiplies. Those add two
+/// products in 16 bits, exact while `b` is within −127..=127 (at most 2 · 128 · 127 = 32512):
+/// `b` is always the activations, which the quantizer clamps there.
 ///
 /// # Safety
 /// With `SDOT`, the CPU must have the dot-product extension.
@@ -183,9 +184,11 @@ unsafe fn dot<const SDOT: bool>(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> i
     if SDOT {
         let mut acc = acc;
         // SAFETY: `sdot` only reads and writes these registers; the caller guarantees the CPU has
-        // it. (`vdotq_s32` is not yet stable in `std::arch`.)
+        // it. (`vdotq_s32` is not yet stable in `std::arch`.) The directive lets the assembler
+        // accept the instruction whichever function this ends up inlined into.
         unsafe {
             asm!(
+                ".arch_extension dotprod",
                 "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
                 acc = inout(vreg) acc,
                 a = in(vreg) a,
@@ -463,6 +466,73 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize, const SDOT: bool>(
     for r in 0..R {
         for t in 0..T {
             out[(r0 + r) * tokens + t0 + t] = vaddvq_f32(acc[r][t]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::scalar::e8m0_to_f32;
+
+    /// `.ci/aarch64` says which emulated CPU has the dot-product extension, so a broken detection
+    /// cannot quietly test only one of the two paths.
+    #[test]
+    fn dot_product_detection_matches_the_cpu() {
+        if let Ok(expected) = std::env::var("GPT_OSS_CPU_EXPECT_DOTPROD") {
+            assert_eq!(has_dotprod(), expected == "1");
+        }
+    }
+
+    #[test]
+    fn both_dot_products_are_exact_at_the_extremes() {
+        let a: [i8; 16] = [
+            -128, -128, -128, -128, 127, 127, 127, 127, -128, 127, -128, 127, 0, 1, -1, 5,
+        ];
+        let b: [i8; 16] = [
+            127, 127, 127, 127, 127, 127, 127, 127, -127, -127, 127, 127, 9, -9, 9, 3,
+        ];
+        let want: Vec<i32> = (0..4)
+            .map(|i| {
+                7 + (0..4)
+                    .map(|k| a[4 * i + k] as i32 * b[4 * i + k] as i32)
+                    .sum::<i32>()
+            })
+            .collect();
+        // SAFETY: 16-byte arrays; `sdot` only where the CPU has it.
+        unsafe {
+            let (va, vb, acc) = (vld1q_s8(a.as_ptr()), vld1q_s8(b.as_ptr()), vdupq_n_s32(7));
+            let mut got = [0i32; 4];
+            vst1q_s32(got.as_mut_ptr(), dot::<false>(acc, va, vb));
+            assert_eq!(got.to_vec(), want, "widening");
+            if has_dotprod() {
+                vst1q_s32(got.as_mut_ptr(), dot::<true>(acc, va, vb));
+                assert_eq!(got.to_vec(), want, "sdot");
+            }
+        }
+    }
+
+    #[test]
+    fn block_scales_are_the_e8m0_values_and_absent_lanes_zero() {
+        for byte in 0..=255u8 {
+            let scales = [byte, byte.wrapping_add(1), byte.wrapping_mul(7), 255 - byte];
+            for count in 1..=4 {
+                let mut got = [0f32; 4];
+                // SAFETY: 4 f32s.
+                unsafe { vst1q_f32(got.as_mut_ptr(), block_scales(&scales[..count], count)) };
+                for (lane, g) in got.iter().enumerate() {
+                    let want = if lane < count {
+                        e8m0_to_f32(scales[lane])
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{scales:?} count {count} lane {lane}"
+                    );
+                }
+            }
         }
     }
 }
