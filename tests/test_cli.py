@@ -137,5 +137,5 @@ def test_the_first_q8_load_shows_a_progress_bar(tiny_dir: Path, tmp_path: Path) 
     for dense, shown in (("q8", True), ("q8", False), ("bf16", False)):
         result = run_cli(*args, "--dense", dense, "Hello", env=env)
         assert result.returncode == 0, result.stderr
-        bar = re.search(r"building the 8-bit dense cache.*100%", result.stderr)
+        bar = re.search(r"building the 8-bit dense weights.*100%", result.stderr)
         assert (bar is not None) == shown, result.stderr

@@ -3,6 +3,9 @@ map in place. Its accuracy against the golden data is in test_reference.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gpt_oss_cpu
@@ -190,3 +193,29 @@ def test_an_exception_from_progress_cancels_the_build(
         directory = cache / "gpt-oss-cpu" / "dense-q8"
         assert list(directory.iterdir()) == [], "a cancelled build left files behind"
     assert load_q8(tiny_a_dir).dense == "q8"
+
+
+def test_ctrl_c_during_the_build_cancels_it(tiny_a_dir: Path, cache: Path):
+    code = """
+import os, signal, sys, gpt_oss_cpu
+reports = []
+def progress(done, total):
+    reports.append(done)
+    if len(reports) == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+try:
+    gpt_oss_cpu.Model.load(sys.argv[1], precision="fast", dense="q8", progress=progress)
+except KeyboardInterrupt:
+    print("interrupted after", len(reports), "reports")
+"""
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_a_dir)], env=env, capture_output=True, text=True
+    )
+    assert run.stdout.strip() == "interrupted after 2 reports", run.stderr
+    assert list((cache / "gpt-oss-cpu" / "dense-q8").iterdir()) == []
+
+
+def test_progress_must_be_callable(tiny_a_dir: Path):
+    with pytest.raises(TypeError, match="progress must be callable, found int"):
+        gpt_oss_cpu.Model.load(tiny_a_dir, progress=42)  # type: ignore[arg-type]

@@ -548,7 +548,7 @@ def _load_model(model_dir: Path, args: argparse.Namespace) -> Model:
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            desc = f"[{PROG}] building the 8-bit dense cache (first --dense q8 load)"
+            desc = f"[{PROG}] building the 8-bit dense weights"
             bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
         bar.update(done - bar.n)
 

@@ -106,17 +106,19 @@ class Model:
                 the checkpoint. ``"q8"`` requantizes them at load to 8 bits per value with a scale
                 per 32 (as ggml's published GGUF stores them): 1.4 GB instead of 2.4 GB read per
                 decoded token. The first load writes them to a cache file
-                (``$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/``, 2-7 s for the 20b, see ``progress``);
-                later loads map it. The bf16 pages are released. Needs ``precision="fast"``.
+                (``$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/``, 1.4 GB for the 20b, 2-7 s depending on
+                the disk, see ``progress``); later loads map it. The bf16 pages are released.
+                Needs ``precision="fast"``.
             kv_cache: the element type of the sessions' cached keys and values: ``"f32"``
                 (default) or ``"bf16"`` (rounded to nearest even): half the memory (the 20b's
                 full-attention layers take 24 KiB per token instead of 48), and half the bytes
                 attention reads per decoded token, which matters at long context (at depth 16384,
                 0.41 GB instead of 0.81 GB per token). Logits then differ from the exact ones.
-            progress: called as ``progress(done, total)`` (bytes, from a worker thread) while
-                the first ``dense="q8"`` load of a checkpoint builds its cache, the only part of a
-                load that takes long; never called otherwise. An exception it raises cancels the
-                build (nothing is left in the cache) and propagates from ``load``.
+            progress: called as ``progress(done, total)`` (bytes, on the calling thread, last
+                with ``done == total``) while a ``dense="q8"`` load builds the 8-bit weights: the
+                first load of a checkpoint, or every load where no cache file can be written; the
+                only part of a load that takes long. An exception it raises cancels the build
+                (no cache file is kept) and propagates from ``load``; so does Ctrl-C.
 
         Raises:
             CheckpointError: a file or tensor is missing, truncated, corrupt, misshaped or mistyped.
@@ -150,7 +152,7 @@ class Model:
         return self._engine.threads
 
     @property
-    def isa(self) -> str:
+    def isa(self) -> IsaName:
         """Instruction set of the matrix kernels: ``"scalar"``, ``"avx2"``, ``"avx512"`` or
         ``"neon"``."""
         return self._engine.isa

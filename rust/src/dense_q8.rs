@@ -31,11 +31,13 @@ const ALIGN: usize = 4096;
 /// Rows quantized per write: bounds the staging buffer.
 const CHUNK_ROWS: usize = 4096;
 /// Bytes written between flushes to disk while building: a single flush at the end stalled for
-/// seconds with the progress already at 100 %.
+/// seconds with the progress at 100 %, and flushing as it goes measured faster (first q8 load of
+/// the synthetic 20b 1.7 s against 2.2-2.5 s, same minute).
 const SYNC_BYTES: usize = 64 << 20;
 
-/// Told `(bytes done, bytes in all)` as a build of the 8-bit weights goes on; returning false
-/// cancels it, and the load fails.
+/// Told `(bytes done, bytes in all)` as a build of the 8-bit weights goes on, last with
+/// `done == all`; returning false cancels it (even then: no cache file is kept), and the load
+/// fails.
 pub type Progress<'a> = &'a (dyn Fn(usize, usize) -> bool + Sync);
 
 /// The error inside the `io::Error` of a build that [`Progress`] cancelled.
@@ -175,6 +177,9 @@ pub fn load_or_build(
         if !progress(end, layout.len) {
             return Err(cancelled());
         }
+    }
+    if !progress(layout.len, layout.len) {
+        return Err(cancelled());
     }
     Ok(layout.matrices(Store::Memory(memory)))
 }
@@ -324,7 +329,7 @@ fn write_sections(
                 file.get_ref().sync_data()?;
                 synced = at;
             }
-            if !progress(synced, layout.len) {
+            if !progress(at, layout.len) {
                 return Err(std::io::Error::other(Cancelled));
             }
         }
@@ -337,7 +342,9 @@ fn write_sections(
     file.seek(std::io::SeekFrom::Start(0))?;
     file.write_all(&layout.header(key))?;
     file.sync_all()?;
-    progress(layout.len, layout.len);
+    if !progress(layout.len, layout.len) {
+        return Err(std::io::Error::other(Cancelled));
+    }
     Ok(())
 }
 

@@ -81,8 +81,9 @@ impl Model {
         Model::load_with_progress(dir, options, &|_, _| true)
     }
 
-    /// [`Model::load`], telling `progress` how the first `dense="q8"` load of a checkpoint
-    /// builds its cache of 8-bit weights (the only part of a load that takes long).
+    /// [`Model::load`], telling `progress` how a `dense="q8"` load builds the 8-bit weights (the
+    /// first load of a checkpoint, or every load where no cache file can be written): the only
+    /// part of a load that takes long.
     pub fn load_with_progress(
         dir: &Path,
         options: LoadOptions,

@@ -303,8 +303,14 @@ impl PyEngine {
         precision: &str,
         dense: &str,
         kv_cache: &str,
-        progress: Option<Py<PyAny>>,
+        progress: Option<Bound<'_, PyAny>>,
     ) -> PyResult<PyEngine> {
+        if let Some(callback) = progress.as_ref().filter(|c| !c.is_callable()) {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "progress must be callable, found {}",
+                callback.get_type().name()?
+            )));
+        }
         let options = LoadOptions {
             threads,
             isa: isa.map(|name| parse_isa(py, Some(name))).transpose()?,
@@ -314,26 +320,7 @@ impl PyEngine {
             kv_cache: KvFormat::from_name(kv_cache)
                 .map_err(|e| input_error(py, format!("kv_cache: {e}")))?,
         };
-        // `progress(done, total)` runs on a pool thread, with the GIL taken for the call; an
-        // exception it raises cancels the build and is raised here instead of the load's error.
-        let raised: Mutex<Option<PyErr>> = Mutex::new(None);
-        let report = |done: usize, total: usize| {
-            let Some(callback) = &progress else {
-                return true;
-            };
-            Python::attach(|py| match callback.call1(py, (done, total)) {
-                Ok(_) => true,
-                Err(e) => {
-                    *raised.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-                    false
-                }
-            })
-        };
-        let loaded = py.detach(|| Model::load_with_progress(&path, options, &report));
-        if let Some(e) = raised.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            return Err(e);
-        }
-        let model = loaded.map_err(|e| to_py_err(py, e))?;
+        let model = load_reporting(py, &path, options, progress.as_ref())?;
         Ok(PyEngine {
             model: Arc::new(model),
         })
@@ -942,6 +929,76 @@ fn matmul_mxfp4<'py>(
     };
     py.detach(|| kernels::matmul(isa, precision, job));
     array2(py, y, rows)
+}
+
+/// [`Model::load_with_progress`] on a scoped thread, while this one (holding the GIL between
+/// waits) calls `progress(done, total)` for each report and checks for signals: Python runs signal
+/// handlers, Ctrl-C's included, only on the main thread, and progress bars and thread-locals
+/// expect the caller's thread. Each report waits for its answer, so an exception from `progress`
+/// cancels the build right there (no cache file is kept) and is raised instead of the load's
+/// error; a signal cancels it at the next report.
+fn load_reporting(
+    py: Python<'_>,
+    path: &std::path::Path,
+    options: LoadOptions,
+    progress: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Model> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+
+    let (reports, received) = channel::<(usize, usize)>();
+    let (answer, answers) = channel::<bool>();
+    // The progress closure and `detach` need Sync captures; a Receiver is not.
+    let (received, answers) = (Mutex::new(received), Mutex::new(answers));
+    let stopped = AtomicBool::new(false);
+    let mut raised: Option<PyErr> = None;
+    let loaded = std::thread::scope(|scope| {
+        let (answers, stopped) = (&answers, &stopped);
+        let worker = scope.spawn(move || {
+            let report = |done: usize, total: usize| {
+                !stopped.load(Ordering::Relaxed)
+                    && reports.send((done, total)).is_ok()
+                    && answers.lock().is_ok_and(|a| a.recv().unwrap_or(false))
+            };
+            Model::load_with_progress(path, options, &report)
+            // `reports` drops here: the loop below ends.
+        });
+        loop {
+            let wait = std::time::Duration::from_millis(50);
+            let next = py.detach(|| {
+                let received = received.lock().unwrap_or_else(|e| e.into_inner());
+                received.recv_timeout(wait)
+            });
+            match next {
+                Ok((done, total)) => {
+                    let go = raised.is_none()
+                        && progress.is_none_or(|callback| match callback.call1((done, total)) {
+                            Ok(_) => true,
+                            Err(e) => {
+                                raised = Some(e);
+                                false
+                            }
+                        });
+                    let _ = answer.send(go);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if raised.is_none() {
+                if let Err(e) = py.check_signals() {
+                    stopped.store(true, Ordering::Relaxed);
+                    raised = Some(e);
+                }
+            }
+        }
+        worker
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    });
+    match raised {
+        Some(e) => Err(e),
+        None => loaded.map_err(|e| to_py_err(py, e)),
+    }
 }
 
 /// Version, kernel instruction sets and build details: ``isa`` (the default, or ``isa_error`` if
