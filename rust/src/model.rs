@@ -893,6 +893,11 @@ mod tests {
         };
         let header = std::str::from_utf8(&npy[start..start + length]).unwrap();
         assert!(header.contains("'fortran_order': False"), "{header}");
+        // Every array the test reads is int32 or float32, little-endian.
+        assert!(
+            header.contains("'descr': '<i4'") || header.contains("'descr': '<f4'"),
+            "{header}"
+        );
         let shape = header.split("'shape': (").nth(1).unwrap();
         let shape = shape[..shape.find(')').unwrap()]
             .split(',')
@@ -904,7 +909,7 @@ mod tests {
 
     /// Every instruction set this CPU supports (NEON included, where the tests run on aarch64)
     /// reproduces the golden fp32 logits of the tiny checkpoints end to end, at position 0 and at
-    /// an offset, and the fast path stays within OpenAI's bf16 path's error and argmax agreement,
+    /// an offset, and their greedy tokens through the KV cache; the fast path stays within OpenAI's bf16 path's error and argmax agreement,
     /// as the Python suite holds the x86 kernels to.
     #[test]
     fn every_isa_reproduces_the_golden_logits_of_the_tiny_checkpoints() {
@@ -912,17 +917,21 @@ mod tests {
         for name in ["tiny-a", "tiny-b"] {
             let dir = models.join(name);
             let reference = dir.join("reference.npz");
-            let (_, ids) = npz_array(&reference, "input_ids");
             let words = |bytes: &[u8]| -> Vec<[u8; 4]> {
                 bytes
                     .chunks_exact(4)
                     .map(|w| w.try_into().unwrap())
                     .collect()
             };
-            let ids: Vec<u32> = words(&ids)
-                .into_iter()
-                .map(|w| i32::from_le_bytes(w) as u32)
-                .collect();
+            let id_array = |array: &str| -> Vec<u32> {
+                let (_, bytes) = npz_array(&reference, array);
+                words(&bytes)
+                    .into_iter()
+                    .map(|w| i32::from_le_bytes(w) as u32)
+                    .collect()
+            };
+            let ids = id_array("input_ids");
+            let (prompt, greedy) = (id_array("gen_prompt_ids"), id_array("gen_ids"));
             let (_, offset) = npz_array(&reference, "position_offset");
             let offset = i32::from_le_bytes(words(&offset)[0]) as usize;
             let golden = |array: &str| {
@@ -964,6 +973,18 @@ mod tests {
                     Model::load(&dir, options).unwrap()
                 };
                 let exact = load(Precision::Exact);
+                // Greedy decoding, one token at a time through the KV cache.
+                let mut cache = exact.new_cache(64, 0).unwrap();
+                let mut next = prompt.clone();
+                let mut decoded = Vec::new();
+                while decoded.len() < greedy.len() {
+                    let last = exact
+                        .extend(&mut cache, &next, LogitRows::Last, None)
+                        .unwrap();
+                    next = vec![argmax(&last) as u32];
+                    decoded.push(next[0]);
+                }
+                assert_eq!(decoded, greedy, "{name} {isa:?} greedy tokens");
                 let diff = max_diff(&exact.forward(&ids, 0).unwrap(), &logits);
                 assert!(diff <= 1e-3, "{name} {isa:?} exact: max |diff| {diff:e}");
                 let diff = max_diff(&exact.forward(&ids, offset).unwrap(), &offset_logits);
