@@ -414,6 +414,22 @@ fn prepare_activations<'a>(
     }
 }
 
+/// `$kernel` of the SIMD instruction set `$isa`, which the caller has checked this CPU supports
+/// (running another's would be undefined behaviour).
+macro_rules! simd_kernel {
+    ($isa:expr, $kernel:ident($($arg:expr),*)) => {
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::$kernel($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::$kernel($($arg),*) },
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => unsafe { neon::$kernel($($arg),*) },
+            other => unreachable!("no {} {} on this CPU", other.name(), stringify!($kernel)),
+        }
+    };
+}
+
 /// Rows `first..first + out.len() / tokens` of one product into `out` (`[n, tokens]`).
 fn run_kernel(
     isa: Isa,
@@ -432,13 +448,7 @@ fn run_kernel(
                 Isa::Scalar => scalar::matmul_bf16(x, tokens, w, cols, out),
                 // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`, `x` is
                 // in the order `prepare_activations` gives, and the slices have the documented shapes.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2::matmul_bf16(x, tokens, w, cols, out) },
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { avx512::matmul_bf16(x, tokens, w, cols, out) },
-                #[cfg(target_arch = "aarch64")]
-                Isa::Neon => unsafe { neon::matmul_bf16(x, tokens, w, cols, out) },
-                _ => unreachable!("no {} kernels on this architecture", isa.name()),
+                _ => simd_kernel!(isa, matmul_bf16(x, tokens, w, cols, out)),
             }
         }
         (WeightMatrix::Mxfp4 { blocks, scales }, x) => {
@@ -469,19 +479,7 @@ fn run_kernel(
                 },
                 (Activations::F32(x), _) => match isa {
                     Isa::Scalar => scalar::matmul_mxfp4(x, tokens, blocks, scales, cols, out),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe {
-                        avx2::matmul_mxfp4(x, tokens, blocks, scales, cols, out)
-                    },
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe {
-                        avx512::matmul_mxfp4(x, tokens, blocks, scales, cols, out)
-                    },
-                    #[cfg(target_arch = "aarch64")]
-                    Isa::Neon => unsafe {
-                        neon::matmul_mxfp4(x, tokens, blocks, scales, cols, out)
-                    },
-                    _ => unreachable!("no {} kernels on this architecture", isa.name()),
+                    _ => simd_kernel!(isa, matmul_mxfp4(x, tokens, blocks, scales, cols, out)),
                 },
                 _ => unreachable!("activations prepared for another kernel"),
             }
@@ -505,21 +503,10 @@ fn run_kernel(
                 }
                 // SAFETY: `prepare_activations` gave groups only where `q8_kernels` runs SIMD,
                 // whose support it checked.
-                Activations::Q8Groups(groups) => match q8_kernels(isa) {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe {
-                        avx512::matmul_q8_q8(groups, tokens, codes, scales, cols, out)
-                    },
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe {
-                        avx2::matmul_q8_q8(groups, tokens, codes, scales, cols, out)
-                    },
-                    #[cfg(target_arch = "aarch64")]
-                    Isa::Neon => unsafe {
-                        neon::matmul_q8_q8(groups, tokens, codes, scales, cols, out)
-                    },
-                    other => unreachable!("no {} 8-bit kernels", other.name()),
-                },
+                Activations::Q8Groups(groups) => simd_kernel!(
+                    q8_kernels(isa),
+                    matmul_q8_q8(groups, tokens, codes, scales, cols, out)
+                ),
                 _ => unreachable!("8-bit weights take 8-bit activations"),
             }
         }
