@@ -176,15 +176,15 @@ def test_matmul_q8(benchmark: Any, shape: Shape, isa: str) -> None:
     check_q8_against_scalar(isa, shape.tokens)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((shape.tokens, K), dtype=np.float32)
-    codes, scales = _core.quantize_q8(random_bf16(rng, (shape.rows_q8, K)))
+    weights = _core.quantize_q8(random_bf16(rng, (shape.rows_q8, K)))
     benchmark.group = f"q8 {shape.name} T={shape.tokens} N={shape.rows_q8} K={K}"
     run(
         benchmark,
-        lambda: _core.matmul_q8(x, codes, scales, isa),
+        lambda: _core.matmul_q8(x, weights, isa),
         shape.tokens,
         shape.rows_q8,
     )
-    record(benchmark, codes.nbytes + scales.nbytes, 2 * shape.tokens * shape.rows_q8 * K)
+    record(benchmark, weights.nbytes, 2 * shape.tokens * shape.rows_q8 * K)
 
 
 def check_q8_against_scalar(isa: str, tokens: int) -> None:
@@ -195,12 +195,12 @@ def check_q8_against_scalar(isa: str, tokens: int) -> None:
     rng = np.random.default_rng(4321 + tokens)
     x = rng.standard_normal((tokens, K), dtype=np.float32)
     w = random_bf16(rng, (CHECK_ROWS, K))
-    codes, scales = _core.quantize_q8(w)
-    expected = _core.matmul_q8(x, codes, scales, "scalar")
+    weights = _core.quantize_q8(w)
+    expected = _core.matmul_q8(x, weights, "scalar")
     exact = bf16_reference(x, w)
     magnitude = bf16_reference(np.abs(x), w & 0x7FFF)
     assert np.all(np.abs(expected - exact) <= 0.02 * magnitude), "scalar q8 vs numpy"
-    actual = _core.matmul_q8(x, codes, scales, isa)
+    actual = _core.matmul_q8(x, weights, isa)
     assert actual.shape == (tokens, CHECK_ROWS)
     assert_close(actual, expected, f"{isa} q8 vs scalar")
     _checked.add(("q8", isa, "fast", tokens))

@@ -180,13 +180,19 @@ def matmul_bf16(
     isa: Literal["scalar", "avx2", "avx512", "neon"] | None = None,
     precision: Literal["exact", "fast"] = "exact",
 ) -> npt.NDArray[np.float32]: ...
-def quantize_q8(
-    w: npt.NDArray[np.uint16],
-) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]: ...
+
+class Q8Weights:
+    """One matrix in the 8-bit format of ``dense="q8"``, as :func:`quantize_q8` makes it."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+    @property
+    def nbytes(self) -> int: ...
+
+def quantize_q8(w: npt.NDArray[np.uint16]) -> Q8Weights: ...
 def matmul_q8(
     x: npt.NDArray[np.float32],
-    codes: npt.NDArray[np.uint8],
-    scales: npt.NDArray[np.float32],
+    weights: Q8Weights,
     isa: Literal["scalar", "avx2", "avx512", "neon"] | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def matmul_mxfp4(

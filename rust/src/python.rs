@@ -794,19 +794,37 @@ fn matmul_bf16<'py>(
     array2(py, y, rows)
 }
 
-/// 8-bit codes and their scales, as numpy arrays.
-type Q8Arrays<'py> = (
-    Bound<'py, numpy::PyArray2<u8>>,
-    Bound<'py, numpy::PyArray2<f32>>,
-);
+/// One matrix in the 8-bit format of `dense="q8"`, as [`quantize_q8`] makes it: its stored
+/// codes are 1..=255 by construction, which the AVX2 kernel needs, so products need not scan them.
+#[pyclass(module = "gpt_oss_cpu._core", name = "Q8Weights", frozen)]
+struct PyQ8Weights {
+    /// `[rows, cols]`, stored `+ 128`, in the kernels' grouped order.
+    codes: Vec<u8>,
+    /// `[rows, cols / 32]`.
+    scales: Vec<f32>,
+    rows: usize,
+    cols: usize,
+}
 
-/// bf16 bit patterns `w` (uint16) `[N, K]` in the 8-bit format of `dense="q8"`: codes uint8
-/// `[N, K]` (stored `+ 128`, in the kernels' grouped order) and float32 scales `[N, K/32]`.
+#[pymethods]
+impl PyQ8Weights {
+    /// `(N, K)`.
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes of codes and scales: what a product streams.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.codes.len() + 4 * self.scales.len()
+    }
+}
+
+/// bf16 bit patterns `w` (uint16) `[N, K]` in the 8-bit format of `dense="q8"`: a [`PyQ8Weights`]
+/// (codes `+ 128` in the kernels' grouped order, and a float32 scale per 32).
 #[pyfunction]
-fn quantize_q8<'py>(
-    py: Python<'py>,
-    w: numpy::PyReadonlyArray2<'py, u16>,
-) -> PyResult<Q8Arrays<'py>> {
+fn quantize_q8(py: Python<'_>, w: numpy::PyReadonlyArray2<'_, u16>) -> PyResult<PyQ8Weights> {
     let (rows, cols) = (w.shape()[0], w.shape()[1]);
     if rows == 0 || cols == 0 || cols % 32 != 0 {
         return Err(input_error(
@@ -828,50 +846,43 @@ fn quantize_q8<'py>(
             kernels::quantize_bf16_row(isa, &w[r * cols..(r + 1) * cols], codes, scales);
         }
     });
-    Ok((array2(py, codes, cols)?, array2(py, scales, cols / 32)?))
+    Ok(PyQ8Weights {
+        codes,
+        scales,
+        rows,
+        cols,
+    })
 }
 
-/// `x @ W.T` for one 8-bit matrix as [`quantize_q8`] gives it (the activations are quantized to
-/// 8 bits per 32, as with `dense="q8"`); codes outside 1..=255 are refused.
+/// `x @ W.T` for one 8-bit matrix from [`quantize_q8`] (the activations are quantized to 8 bits
+/// per 32, as with `dense="q8"`).
 #[pyfunction]
-#[pyo3(signature = (x, codes, scales, isa=None))]
+#[pyo3(signature = (x, weights, isa=None))]
 fn matmul_q8<'py>(
     py: Python<'py>,
     x: numpy::PyReadonlyArray2<'py, f32>,
-    codes: numpy::PyReadonlyArray2<'py, u8>,
-    scales: numpy::PyReadonlyArray2<'py, f32>,
+    weights: &PyQ8Weights,
     isa: Option<&str>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
     let isa = parse_isa(py, isa)?;
-    let (tokens, cols) = (x.shape()[0], x.shape()[1]);
-    let (rows, c_cols) = (codes.shape()[0], codes.shape()[1]);
-    if tokens == 0
-        || rows == 0
-        || cols == 0
-        || cols % 32 != 0
-        || c_cols != cols
-        || scales.shape() != [rows, cols / 32]
-    {
+    let (tokens, cols, rows) = (x.shape()[0], x.shape()[1], weights.rows);
+    if tokens == 0 || cols != weights.cols {
         return Err(input_error(
             py,
             format!(
-                "shapes x {:?}, codes {:?}, scales {:?} do not fit",
+                "shapes x {:?} and weights {:?} do not fit",
                 x.shape(),
-                codes.shape(),
-                scales.shape()
+                weights.shape()
             ),
         ));
     }
-    let (x, codes, scales) = (x.as_slice()?, codes.as_slice()?, scales.as_slice()?);
-    if codes.contains(&0) {
-        return Err(input_error(
-            py,
-            "codes must be as quantize_q8 gives them, 1..=255 (found 0)".into(),
-        ));
-    }
+    let x = x.as_slice()?;
     let mut y = vec![0f32; tokens * rows];
     let job = Matmul {
-        weights: WeightMatrix::Q8 { codes, scales },
+        weights: WeightMatrix::Q8 {
+            codes: &weights.codes,
+            scales: &weights.scales,
+        },
         rows,
         cols,
         x,
@@ -1044,6 +1055,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PySampler>()?;
     m.add_class::<PySession>()?;
+    m.add_class::<PyQ8Weights>()?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_mxfp4, m)?)?;

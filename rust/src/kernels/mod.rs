@@ -218,8 +218,8 @@ pub enum WeightMatrix<'a> {
     /// MXFP4: packed `blocks` (`cols / 2` bytes a row) and E8M0 `scales` (`cols / 32` bytes a row).
     Mxfp4 { blocks: &'a [u8], scales: &'a [u8] },
     /// 8-bit blocks (`dense="q8"`): `codes` stored `+ 128` (`cols` bytes a row, in the grouped
-    /// order of [`q8::group_row`]; 1..=255, as the quantizer writes them) and f32 `scales`
-    /// (`cols / 32` a row). The activations are quantized to 8 bits at every precision.
+    /// order of [`q8::group_row`]; 1..=255 as the quantizer writes them, which the AVX2 kernel
+    /// needs; the others take 0 too) and f32 `scales` (`cols / 32` a row). The activations are quantized to 8 bits at every precision.
     Q8 { codes: &'a [u8], scales: &'a [f32] },
 }
 
@@ -1045,6 +1045,61 @@ mod tests {
                     &format!("q8 {rows}x{cols}x{tokens}"),
                 );
             }
+        }
+    }
+
+    /// Every stored code, 0 (−128) included though the quantizer never writes it: random bytes.
+    /// Not the AVX2 kernel, whose `vpsignb` trick needs 1..=255 (handling −128 there cost 25 %
+    /// of its decode speed).
+    #[test]
+    fn simd_q8_weights_take_every_stored_code() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let (rows, cols, tokens) = (9, 32 * 31, 3);
+        let x = random_f32(&mut rng, tokens * cols);
+        let mut codes = vec![0u8; rows * cols];
+        rng.fill_bytes(&mut codes);
+        codes[..cols].fill(0);
+        let scales: Vec<f32> = random_f32(&mut rng, rows * cols / 32)
+            .iter()
+            .map(|s| s.abs() / 128.0)
+            .collect();
+        let product = |isa: Isa, y: &mut [f32]| {
+            let weights = WeightMatrix::Q8 {
+                codes: &codes,
+                scales: &scales,
+            };
+            let job = Matmul {
+                weights,
+                rows,
+                cols,
+                x: &x,
+                bias: None,
+                y,
+            };
+            matmul(isa, Precision::Fast, job);
+        };
+        let mut want = vec![0f32; tokens * rows];
+        product(Isa::Scalar, &mut want);
+        // A bound on |x| · |w| per output: every weight is at most 128 times its block's scale.
+        let mut magnitude = vec![0f32; tokens * rows];
+        for t in 0..tokens {
+            for r in 0..rows {
+                magnitude[r * tokens + t] = (0..cols / 32)
+                    .map(|b| {
+                        let block_x: f32 =
+                            x[t * cols + 32 * b..][..32].iter().map(|v| v.abs()).sum();
+                        block_x * 128.0 * scales[r * cols / 32 + b]
+                    })
+                    .sum();
+            }
+        }
+        for isa in simd_isas()
+            .into_iter()
+            .filter(|&i| q8_kernels(i) != Isa::Avx2)
+        {
+            let mut got = vec![0f32; tokens * rows];
+            product(isa, &mut got);
+            assert_close(isa, &got, &want, &magnitude, "q8 codes 0..=255");
         }
     }
 
