@@ -732,6 +732,21 @@ mod tests {
         );
     }
 
+    /// The `dense="q8"` product: `codes` `[rows, cols]` (stored `+ 128`, grouped), `x` `[tokens, cols]`.
+    fn matmul_q8(isa: Isa, x: &[f32], codes: &[u8], scales: &[f32], rows: usize, y: &mut [f32]) {
+        let weights = WeightMatrix::Q8 { codes, scales };
+        let cols = codes.len() / rows;
+        let job = Matmul {
+            weights,
+            rows,
+            cols,
+            x,
+            bias: None,
+            y,
+        };
+        matmul(isa, Precision::Fast, job);
+    }
+
     fn simd_isas() -> Vec<Isa> {
         Isa::ALL
             .into_iter()
@@ -989,21 +1004,7 @@ mod tests {
             for (r, (codes, scales)) in rows_of.enumerate() {
                 quantize_bf16_row(Isa::Scalar, &bits[r * cols..][..cols], codes, scales);
             }
-            let product = |isa: Isa, y: &mut [f32]| {
-                let weights = WeightMatrix::Q8 {
-                    codes: &codes,
-                    scales: &scales,
-                };
-                let job = Matmul {
-                    weights,
-                    rows,
-                    cols,
-                    x: &x,
-                    bias: None,
-                    y,
-                };
-                matmul(isa, Precision::Fast, job);
-            };
+            let product = |isa: Isa, y: &mut [f32]| matmul_q8(isa, &x, &codes, &scales, rows, y);
             let mut want = vec![0f32; tokens * rows];
             product(Isa::Scalar, &mut want);
             // The 8-bit product is within a few % of the exact one (a wrong kernel is not).
@@ -1063,21 +1064,7 @@ mod tests {
             .iter()
             .map(|s| s.abs() / 128.0)
             .collect();
-        let product = |isa: Isa, y: &mut [f32]| {
-            let weights = WeightMatrix::Q8 {
-                codes: &codes,
-                scales: &scales,
-            };
-            let job = Matmul {
-                weights,
-                rows,
-                cols,
-                x: &x,
-                bias: None,
-                y,
-            };
-            matmul(isa, Precision::Fast, job);
-        };
+        let product = |isa: Isa, y: &mut [f32]| matmul_q8(isa, &x, &codes, &scales, rows, y);
         let mut want = vec![0f32; tokens * rows];
         product(Isa::Scalar, &mut want);
         // A bound on |x| · |w| per output: every weight is at most 128 times its block's scale.
