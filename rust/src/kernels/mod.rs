@@ -732,7 +732,8 @@ mod tests {
         );
     }
 
-    /// The `dense="q8"` product: `codes` `[rows, cols]` (stored `+ 128`, grouped), `x` `[tokens, cols]`.
+    /// The `dense="q8"` product: `codes` `[rows, cols]` (stored `+ 128`, grouped), `x`
+    /// `[tokens, cols]`.
     fn matmul_q8(isa: Isa, x: &[f32], codes: &[u8], scales: &[f32], rows: usize, y: &mut [f32]) {
         let weights = WeightMatrix::Q8 { codes, scales };
         let cols = codes.len() / rows;
