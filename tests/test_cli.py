@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import gpt_oss_cpu
+import pytest
 from gpt_oss_cpu.cli import DEFAULT_STOP_TOKENS
 
 SUMMARY = re.compile(
@@ -131,11 +132,21 @@ def test_synth_matches_write_checkpoint(tmp_path: Path, tiny_dir: Path) -> None:
         assert (out / rel).read_bytes() == (tiny_dir / rel).read_bytes(), rel
 
 
-def test_the_first_q8_load_shows_a_progress_bar(tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("generate", "--max-new-tokens", "2", "Hello"),
+        ("bench", "--pp", "4", "--tg", "2", "--json"),
+    ],
+)
+def test_the_first_q8_load_shows_a_progress_bar(
+    tiny_dir: Path, tmp_path: Path, command: tuple[str, ...]
+) -> None:
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    args = ("generate", "--model", str(tiny_dir), "--max-new-tokens", "2", "--precision", "fast")
+    name, *options = command
+    args = (name, "--model", str(tiny_dir), "--precision", "fast", *options)
     for dense, shown in (("q8", True), ("q8", False), ("bf16", False)):
-        result = run_cli(*args, "--dense", dense, "Hello", env=env)
+        result = run_cli(*args, "--dense", dense, env=env)
         assert result.returncode == 0, result.stderr
         bar = re.search(r"building the 8-bit dense weights.*100%", result.stderr)
         assert (bar is not None) == shown, result.stderr

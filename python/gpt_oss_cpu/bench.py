@@ -300,6 +300,7 @@ def run_benchmark(
     repetitions: int = 1,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    load_progress: Callable[[int, int], object] | None = None,
 ) -> BenchResult:
     """Loads ``model_dir`` and measures load, prefill, decode and the decode roofline.
 
@@ -312,6 +313,8 @@ def run_benchmark(
         repetitions: prefill and decode are measured this many times; medians are reported.
         seed: seed of the random token ids.
         log: called with a short message before each step (progress on a terminal).
+        load_progress: ``Model.load``'s ``progress`` (called while the first ``dense="q8"``
+            load builds the 8-bit weights, which ``load_s`` then includes).
 
     Raises:
         ValueError: non-positive ``pp``, ``tg`` or ``repetitions``, or negative ``depth``.
@@ -334,7 +337,13 @@ def run_benchmark(
     say("loading")
     t0 = time.perf_counter()
     model = Model.load(
-        model_dir, threads=threads, isa=isa, precision=precision, dense=dense, kv_cache=kv_cache
+        model_dir,
+        threads=threads,
+        isa=isa,
+        precision=precision,
+        dense=dense,
+        kv_cache=kv_cache,
+        progress=load_progress,
     )
     load_s = time.perf_counter() - t0
     config = model.config

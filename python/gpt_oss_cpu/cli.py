@@ -11,10 +11,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -256,19 +257,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if sys.stderr.isatty():
             print(f"[{PROG} bench] {message}", file=sys.stderr, flush=True)
 
-    result = bench.run_benchmark(
-        model_dir,
-        pp=args.pp,
-        tg=args.tg,
-        depth=args.depth,
-        threads=args.threads,
-        isa=args.isa,
-        precision=args.precision,
-        dense=args.dense,
-        kv_cache=args.kv_cache,
-        repetitions=args.repetitions,
-        log=log,
-    )
+    with _q8_build_bar() as progress:
+        result = bench.run_benchmark(
+            model_dir,
+            pp=args.pp,
+            tg=args.tg,
+            depth=args.depth,
+            threads=args.threads,
+            isa=args.isa,
+            precision=args.precision,
+            dense=args.dense,
+            kv_cache=args.kv_cache,
+            repetitions=args.repetitions,
+            log=log,
+            load_progress=progress,
+        )
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -539,9 +542,25 @@ def _load_model(model_dir: Path, args: argparse.Namespace) -> Model:
     """``Model.load`` with the options of :func:`_add_engine_options`. The first ``--dense q8``
     load of a checkpoint builds its 8-bit cache (several seconds for the 20b): a progress bar on
     stderr shows it."""
-    from tqdm.auto import tqdm
-
     import gpt_oss_cpu
+
+    with _q8_build_bar() as progress:
+        return gpt_oss_cpu.Model.load(
+            str(model_dir),
+            threads=args.threads,
+            isa=args.isa,
+            precision=args.precision,
+            dense=args.dense,
+            kv_cache=args.kv_cache,
+            progress=progress,
+        )
+
+
+@contextlib.contextmanager
+def _q8_build_bar() -> Iterator[Callable[[int, int], None]]:
+    """A ``progress`` callback for ``Model.load`` that draws a bar on stderr once a build of the
+    8-bit dense weights reports (it never does for other loads), closed on exit."""
+    from tqdm.auto import tqdm
 
     bar: tqdm | None = None
 
@@ -553,15 +572,7 @@ def _load_model(model_dir: Path, args: argparse.Namespace) -> Model:
         bar.update(done - bar.n)
 
     try:
-        return gpt_oss_cpu.Model.load(
-            str(model_dir),
-            threads=args.threads,
-            isa=args.isa,
-            precision=args.precision,
-            dense=args.dense,
-            kv_cache=args.kv_cache,
-            progress=progress,
-        )
+        yield progress
     finally:
         if bar is not None:
             bar.close()
