@@ -49,3 +49,19 @@ impl Error {
         Error::Checkpoint(format!("{}: {msg}", path.display()))
     }
 }
+
+/// The one of `all` whose `name_of` is `name`, or an error listing every name: for options given
+/// by name (instruction set, precision, weight and cache formats).
+pub fn by_name<T: Copy>(
+    all: &[T],
+    name_of: impl Fn(T) -> &'static str,
+    name: &str,
+) -> std::result::Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|&v| name_of(v) == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|&v| name_of(v)).collect();
+            format!("expected one of {}, found {name:?}", names.join(", "))
+        })
+}

@@ -34,10 +34,7 @@ impl KvFormat {
 
     /// The format called `name` (`"f32"` or `"bf16"`).
     pub fn from_name(name: &str) -> std::result::Result<KvFormat, String> {
-        KvFormat::ALL
-            .into_iter()
-            .find(|f| f.name() == name)
-            .ok_or_else(|| format!("expected one of f32, bf16, found {name:?}"))
+        crate::error::by_name(&KvFormat::ALL, KvFormat::name, name)
     }
 }
 

@@ -36,10 +36,7 @@ impl DenseFormat {
 
     /// The format called `name` (`"bf16"` or `"q8"`).
     pub fn from_name(name: &str) -> std::result::Result<DenseFormat, String> {
-        DenseFormat::ALL
-            .into_iter()
-            .find(|f| f.name() == name)
-            .ok_or_else(|| format!("expected one of bf16, q8, found {name:?}"))
+        crate::error::by_name(&DenseFormat::ALL, DenseFormat::name, name)
     }
 }
 

@@ -53,10 +53,7 @@ impl Isa {
 
     /// The instruction set called `name` (`"scalar"`, `"avx2"`, `"avx512"` or `"neon"`).
     pub fn from_name(name: &str) -> Result<Isa, String> {
-        Isa::ALL
-            .into_iter()
-            .find(|i| i.name() == name)
-            .ok_or_else(|| format!("expected one of scalar, avx2, avx512, neon, found {name:?}"))
+        crate::error::by_name(&Isa::ALL, Isa::name, name)
     }
 
     /// Whether this CPU can run the kernels of `self`.
@@ -122,10 +119,7 @@ impl Precision {
 
     /// The precision called `name` (`"exact"` or `"fast"`).
     pub fn from_name(name: &str) -> Result<Precision, String> {
-        Precision::ALL
-            .into_iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| format!("expected one of exact, fast, found {name:?}"))
+        crate::error::by_name(&Precision::ALL, Precision::name, name)
     }
 }
 
