@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::q8::{weight_groups, Q8Group, Q8Span, FP4_DOUBLED_PLUS_12};
-use super::{for_each_tile, prefetch, MXFP4_BLOCK_BYTES, TILE_ROWS};
+use super::{for_each_tile, prefetch, streaming_tile_rows, MXFP4_BLOCK_BYTES, TILE_ROWS};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]`, with `x` in [`super::unpack_order`] for 16-wide
 /// blocks (see the AVX-512 kernel).
@@ -325,7 +325,8 @@ pub unsafe fn matmul_q8_q8(
     cols: usize,
     out: &mut [f32],
 ) {
-    for_each_tile!(out, tokens, TILE_ROWS, 2, |r0, t0, R, T| {
+    let rows = streaming_tile_rows(tokens);
+    for_each_tile!(out, tokens, rows, 2, |r0, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
         unsafe { tile_q8_q8::<R, T>(groups, codes, scales, cols, r0, t0, tokens, out) }
     });

@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use super::q8::{
     weight_groups, Q8Group, Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12, GROUP_TOKENS,
 };
-use super::{for_each_tile, prefetch, MXFP4_BLOCK_BYTES, TILE_ROWS};
+use super::{for_each_tile, prefetch, streaming_tile_rows, MXFP4_BLOCK_BYTES, TILE_ROWS};
 use crate::kernels::scalar::{bf16_to_f32, e8m0_to_f32, FP4_VALUES};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]` for the `out.len() / tokens` rows of `w`.
@@ -23,7 +23,8 @@ use crate::kernels::scalar::{bf16_to_f32, e8m0_to_f32, FP4_VALUES};
 /// `[rows, tokens]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn matmul_bf16(x: &[f32], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
-    for_each_tile!(out, tokens, |r0, t0, R, T| {
+    let rows = streaming_tile_rows(tokens);
+    for_each_tile!(out, tokens, rows, 4, |r0, t0, R, T| {
         // SAFETY: the tile lies inside `w`, `x` and `out` by construction of `for_each_tile`.
         unsafe { tile_bf16::<R, T>(x, w, cols, r0, t0, tokens, out) }
     });
@@ -383,8 +384,10 @@ pub unsafe fn matmul_bf16_parts<const P: usize>(
     cols: usize,
     out: &mut [f32],
 ) {
-    // Tiles of up to 4 rows × (4 / P) tokens: P accumulators per output fit the registers.
-    for_each_tile!(out, tokens, TILE_ROWS, 4 / P, |r0, t0, R, T| {
+    // Tiles of up to 4 rows (one for a single token) × (4 / P) tokens: P accumulators per output
+    // fit the registers.
+    let rows = streaming_tile_rows(tokens);
+    for_each_tile!(out, tokens, rows, 4 / P, |r0, t0, R, T| {
         // SAFETY: the tile lies inside `w`, `x` and `out` by construction of `for_each_tile`.
         unsafe { tile_bf16_parts::<R, T, P>(x, w, cols, r0, t0, tokens, out) }
     });
@@ -634,8 +637,9 @@ pub unsafe fn matmul_q8_q8(
     cols: usize,
     out: &mut [f32],
 ) {
-    // 4 rows x 2 tokens, as the 8-bit MXFP4 kernel.
-    for_each_tile!(out, tokens, TILE_ROWS, 2, |r0, t0, R, T| {
+    // 4 rows x 2 tokens, as the 8-bit MXFP4 kernel; rows one at a time for a single token.
+    let rows = streaming_tile_rows(tokens);
+    for_each_tile!(out, tokens, rows, 2, |r0, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
         unsafe { tile_q8_q8::<R, T>(groups, codes, scales, cols, r0, t0, tokens, out) }
     });

@@ -591,9 +591,10 @@ pub fn deinterleave_pairs(x: &[f32]) -> Vec<f32> {
 }
 
 /// Rows a tile spans at most: the kernels prefetch each row at the same position `TILE_ROWS`
-/// rows below, which is the next tile's. Decoding spends enough instructions per byte that too
-/// few loads are in flight for the hardware prefetcher alone, and a fixed distance ahead within
-/// the row fell into rows the tile was already reading. Measured in one process alternating
+/// rows below, which is the next tile's (or, in tiles of [`streaming_tile_rows`], that many rows
+/// ahead in the stream). Decoding spends enough instructions per byte that too few loads are in
+/// flight for the hardware prefetcher alone, and a fixed distance ahead within the row fell into
+/// rows the tile was already reading. Measured in one process alternating
 /// settings, decode GEMVs streaming from DRAM (2 threads) against a fixed 4096 (MXFP4, 8-bit) or
 /// 2048 (bf16) bytes ahead: MXFP4 exact +44 %, fast +20 %; bf16 exact +7 %, fast +12 %; 8-bit
 /// dense +22 %. Two tiles ahead measured the same as one.
@@ -602,6 +603,23 @@ const TILE_ROWS: usize = 4;
 // `tile_sizes!` expands tiles of 1 to 4 rows.
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(TILE_ROWS <= 4);
+
+/// Rows a tile spans in the kernels whose single-token product reads its weights faster one row
+/// at a time: a decoding GEMV then streams each thread's rows in turn, one sequential stream that
+/// the hardware prefetcher follows, instead of `TILE_ROWS` streams a row apart. Measured per
+/// matrix in the 20b's decoding, one process alternating settings (2 threads, 40-65 GB/s), against
+/// 4-row tiles: AVX-512 bf16 +20-31 % (fast) and -1-+15 % (exact), 8-bit dense +15-24 %; AVX2
+/// 8-bit dense +12 % (kernel benchmark). The MXFP4 kernels, which spend more instructions per
+/// byte, lost up to 30 % at one row, and AVX2 bf16 (a single FMA chain) half: they keep
+/// `TILE_ROWS`.
+#[cfg(target_arch = "x86_64")]
+fn streaming_tile_rows(tokens: usize) -> usize {
+    if tokens == 1 {
+        1
+    } else {
+        TILE_ROWS
+    }
+}
 
 /// Hints the cache line at `base + offset` into L1. `wrapping_add` because the address may lie
 /// past the slice; a prefetch never faults.
