@@ -278,18 +278,15 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
             tasks.push((j, i * rows, out));
         }
     }
-    tasks.into_par_iter().for_each(|(j, first, out)| {
-        let spec = &specs[j];
-        run_kernel(
-            isa,
-            spec.weights,
-            &spec.x,
-            spec.tokens,
-            spec.cols,
-            first,
-            out,
-        );
-    });
+    // Split down to single tasks, so the thread that finishes first steals a task, not waits for
+    // the other's unsplit run: the threads' last tasks end 4 µs apart instead of 14 (20b decode).
+    tasks
+        .into_par_iter()
+        .with_max_len(1)
+        .for_each(|(j, first, out)| {
+            let s = &specs[j];
+            run_kernel(isa, s.weights, &s.x, s.tokens, s.cols, first, out);
+        });
 
     for (y, by_row, bias, rows, tokens) in outputs {
         if let Some(by_row) = by_row {
