@@ -7,7 +7,8 @@
 use std::arch::x86_64::*;
 
 use super::q8::{weight_groups, Q8Group, Q8Span, FP4_DOUBLED_PLUS_12};
-use super::{for_each_tile, prefetch, streaming_tile_rows, MXFP4_BLOCK_BYTES, TILE_ROWS};
+use super::DecodeOrder::Rows;
+use super::{for_each_tile, prefetch, TileRows, MXFP4_BLOCK_BYTES, TILE_ROWS};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]`, with `x` in [`super::unpack_order`] for 16-wide
 /// blocks (see the AVX-512 kernel).
@@ -17,9 +18,9 @@ use super::{for_each_tile, prefetch, streaming_tile_rows, MXFP4_BLOCK_BYTES, TIL
 /// `[rows, tokens]`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn matmul_bf16(x: &[f32], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
-    for_each_tile!(out, tokens, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_bf16::<R, T>(x, w, cols, r0, t0, tokens, out) }
+        unsafe { tile_bf16::<R, T>(x, w, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -28,11 +29,13 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
     x: &[f32],
     w: &[u16],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
 ) {
+    // Rows below each tile row to prefetch.
+    let ahead = tile.ahead();
     let zero = _mm256_setzero_si256();
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let full = cols / 16 * 16;
@@ -40,9 +43,9 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
         let mut low = [_mm256_setzero_ps(); R];
         let mut high = [_mm256_setzero_ps(); R];
         for r in 0..R {
-            let at = (r0 + r) * cols + c;
-            prefetch(w.as_ptr() as *const u8, (at + TILE_ROWS * cols) * 2);
-            // SAFETY: 16 weights of row r0 + r from column c < full <= cols.
+            let at = tile.row(r) * cols + c;
+            prefetch(w.as_ptr() as *const u8, (at + ahead * cols) * 2);
+            // SAFETY: 16 weights of tile row r from column c < full <= cols.
             let bits = unsafe { _mm256_loadu_si256(w.as_ptr().add(at) as *const __m256i) };
             low[r] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits));
             high[r] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits));
@@ -63,12 +66,12 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
         }
     }
     for r in 0..R {
-        let w_row = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
+        let w_row = &w[tile.row(r) * cols..(tile.row(r) + 1) * cols];
         for t in 0..T {
             // The ragged tail is left in natural order by `unpack_order`.
             let x_row = &x[(t0 + t) * cols..(t0 + t + 1) * cols];
             let tail = super::scalar::dot_bf16(&x_row[full..], &w_row[full..]);
-            out[(r0 + r) * tokens + t0 + t] = horizontal_sum(acc[r][t]) + tail;
+            out[tile.row(r) * tokens + t0 + t] = horizontal_sum(acc[r][t]) + tail;
         }
     }
 }
@@ -97,9 +100,9 @@ pub unsafe fn matmul_mxfp4(
     cols: usize,
     out: &mut [f32],
 ) {
-    for_each_tile!(out, tokens, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_mxfp4::<R, T>(x, blocks, scales, cols, r0, t0, tokens, out) }
+        unsafe { tile_mxfp4::<R, T>(x, blocks, scales, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -110,11 +113,13 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
     blocks: &[u8],
     scales: &[u8],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
 ) {
+    // Rows below each tile row to prefetch.
+    let ahead = tile.ahead();
     // SAFETY: the table is 16 bytes.
     let lut = unsafe { _mm_loadu_si128(FP4_TIMES_TWO.as_ptr() as *const __m128i) };
     let mask = _mm_set1_epi8(0x0F);
@@ -124,10 +129,10 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
         // Per row: the 16 even then 16 odd weights of block g, as 4 vectors of 8.
         let mut wv = [[_mm256_setzero_ps(); 4]; R];
         for (r, wr) in wv.iter_mut().enumerate() {
-            let row = r0 + r;
+            let row = tile.row(r);
             let at = (row * groups + g) * MXFP4_BLOCK_BYTES;
             if g % 4 == 0 {
-                prefetch(blocks.as_ptr(), at + TILE_ROWS * groups * MXFP4_BLOCK_BYTES);
+                prefetch(blocks.as_ptr(), at + ahead * groups * MXFP4_BLOCK_BYTES);
             }
             // SAFETY: block g of `row` is 16 bytes inside `blocks`.
             let bytes = unsafe { _mm_loadu_si128(blocks.as_ptr().add(at) as *const __m128i) };
@@ -156,7 +161,7 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[(r0 + r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
+            out[tile.row(r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
         }
     }
 }
@@ -179,9 +184,9 @@ pub unsafe fn matmul_mxfp4_q8(
     cols: usize,
     out: &mut [f32],
 ) {
-    for_each_tile!(out, tokens, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_mxfp4_q8::<R, T>(spans, blocks, scales, cols, r0, t0, tokens, out) }
+        unsafe { tile_mxfp4_q8::<R, T>(spans, blocks, scales, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -220,11 +225,13 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
     blocks: &[u8],
     scales: &[u8],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
 ) {
+    // Rows below each tile row to prefetch.
+    let ahead = tile.ahead();
     // SAFETY: the table has 16 bytes.
     let lut = _mm256_broadcastsi128_si256(unsafe {
         _mm_loadu_si128(FP4_DOUBLED_PLUS_12.as_ptr() as *const __m128i)
@@ -242,7 +249,7 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
     for octet in (0..groups).step_by(8) {
         let mut row_scales = [_mm256_setzero_ps(); R];
         for r in 0..R {
-            let first = (r0 + r) * groups + octet;
+            let first = tile.row(r) * groups + octet;
             row_scales[r] = block_scales(&scales[first..], (groups - octet).min(8));
         }
         for pair in octet / 2..(octet + 8).min(groups).div_ceil(2) {
@@ -252,11 +259,11 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
             let mut high = [_mm256_setzero_si256(); R];
             let mut weight_scale = [_mm256_setzero_ps(); R];
             for r in 0..R {
-                let at = ((r0 + r) * groups + pair * 2) * MXFP4_BLOCK_BYTES;
+                let at = (tile.row(r) * groups + pair * 2) * MXFP4_BLOCK_BYTES;
                 if pair % 2 == 0 {
-                    prefetch(blocks.as_ptr(), at + TILE_ROWS * groups * MXFP4_BLOCK_BYTES);
+                    prefetch(blocks.as_ptr(), at + ahead * groups * MXFP4_BLOCK_BYTES);
                 }
-                // SAFETY: blocks 2p and 2p + 1 of row r0 + r lie inside `blocks`; if 2p is the row's
+                // SAFETY: blocks 2p and 2p + 1 of tile row r lie inside `blocks`; if 2p is the row's
                 // last block (`lone`), only its 16 bytes are read.
                 let codes = unsafe {
                     let at = blocks.as_ptr().add(at);
@@ -299,7 +306,7 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[(r0 + r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
+            out[tile.row(r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
         }
     }
 }
@@ -325,10 +332,9 @@ pub unsafe fn matmul_q8_q8(
     cols: usize,
     out: &mut [f32],
 ) {
-    let rows = streaming_tile_rows(tokens);
-    for_each_tile!(out, tokens, rows, 2, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, TILE_ROWS, 2, Rows, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_q8_q8::<R, T>(groups, codes, scales, cols, r0, t0, tokens, out) }
+        unsafe { tile_q8_q8::<R, T>(groups, codes, scales, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -358,11 +364,13 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
     codes: &[u8],
     scales: &[f32],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
 ) {
+    // Rows below each tile row to prefetch.
+    let ahead = tile.ahead();
     let blocks = cols / 32;
     let groups_per_row = weight_groups(blocks).count();
     let offset = _mm256_set1_epi8(-128);
@@ -376,12 +384,12 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
             for step in 0..8 {
                 let mut weights = [_mm256_setzero_si256(); R];
                 for r in 0..R {
-                    let at = (r0 + r) * cols + first * 32 + 4 * size * step + 32 * half;
+                    let at = tile.row(r) * cols + first * 32 + 4 * size * step + 32 * half;
                     if half == 0 {
-                        prefetch(codes.as_ptr(), at + TILE_ROWS * cols);
+                        prefetch(codes.as_ptr(), at + ahead * cols);
                     }
                     // SAFETY: this half of step `step` of the group, `4 · lanes` codes of row
-                    // r0 + r, lies inside `codes`.
+                    // tile row r, lies inside `codes`.
                     let stored = unsafe { load_lanes(codes.as_ptr().add(at), lanes) };
                     weights[r] = _mm256_xor_si256(stored, offset);
                 }
@@ -400,8 +408,8 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
             }
             let mut weight_scale = [_mm256_setzero_ps(); R];
             for r in 0..R {
-                let at = (r0 + r) * blocks + first + 8 * half;
-                // SAFETY: this half's `lanes` scales of row r0 + r lie inside `scales`.
+                let at = tile.row(r) * blocks + first + 8 * half;
+                // SAFETY: this half's `lanes` scales of tile row r lie inside `scales`.
                 weight_scale[r] = _mm256_castsi256_ps(unsafe {
                     load_lanes(scales.as_ptr().add(at) as *const u8, lanes)
                 });
@@ -418,7 +426,7 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[(r0 + r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
+            out[tile.row(r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
         }
     }
 }

@@ -9,7 +9,8 @@ use std::arch::x86_64::*;
 use super::q8::{
     weight_groups, Q8Group, Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12, GROUP_TOKENS,
 };
-use super::{for_each_tile, prefetch, streaming_tile_rows, MXFP4_BLOCK_BYTES, TILE_ROWS};
+use super::DecodeOrder::{Lanes, Rows};
+use super::{for_each_tile, prefetch, TileRows, MXFP4_BLOCK_BYTES, TILE_ROWS};
 use crate::kernels::scalar::{bf16_to_f32, e8m0_to_f32, FP4_VALUES};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]` for the `out.len() / tokens` rows of `w`.
@@ -23,10 +24,9 @@ use crate::kernels::scalar::{bf16_to_f32, e8m0_to_f32, FP4_VALUES};
 /// `[rows, tokens]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn matmul_bf16(x: &[f32], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
-    let rows = streaming_tile_rows(tokens);
-    for_each_tile!(out, tokens, rows, 4, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, 4, 4, Rows, |tile, t0, R, T| {
         // SAFETY: the tile lies inside `w`, `x` and `out` by construction of `for_each_tile`.
-        unsafe { tile_bf16::<R, T>(x, w, cols, r0, t0, tokens, out) }
+        unsafe { tile_bf16::<R, T>(x, w, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -35,7 +35,7 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
     x: &[f32],
     w: &[u16],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
@@ -47,9 +47,9 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
         let mut low = [_mm512_setzero_ps(); R];
         let mut high = [_mm512_setzero_ps(); R];
         for r in 0..R {
-            // SAFETY: 32 weights of row r0 + r from column c < full <= cols.
+            // SAFETY: 32 weights of tile row r from column c < full <= cols.
             let bits =
-                unsafe { _mm512_loadu_si512(w.as_ptr().add((r0 + r) * cols + c) as *const _) };
+                unsafe { _mm512_loadu_si512(w.as_ptr().add(tile.row(r) * cols + c) as *const _) };
             low[r] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, bits));
             high[r] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, bits));
         }
@@ -69,12 +69,12 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
         }
     }
     for r in 0..R {
-        let w_row = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
+        let w_row = &w[tile.row(r) * cols..(tile.row(r) + 1) * cols];
         for t in 0..T {
             // The ragged tail is left in natural order by `unpack_order`.
             let x_row = &x[(t0 + t) * cols..(t0 + t + 1) * cols];
             let tail = super::scalar::dot_bf16(&x_row[full..], &w_row[full..]);
-            out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]) + tail;
+            out[tile.row(r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]) + tail;
         }
     }
 }
@@ -95,9 +95,9 @@ pub unsafe fn matmul_mxfp4(
     cols: usize,
     out: &mut [f32],
 ) {
-    for_each_tile!(out, tokens, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, TILE_ROWS, 4, Lanes, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_mxfp4::<R, T>(x, blocks, scales, cols, r0, t0, tokens, out) }
+        unsafe { tile_mxfp4::<R, T>(x, blocks, scales, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -126,11 +126,13 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
     blocks: &[u8],
     scales: &[u8],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
 ) {
+    // Rows below each tile row to prefetch.
+    let ahead = tile.ahead();
     // SAFETY: FP4_VALUES has 16 f32.
     let lut = unsafe { _mm512_loadu_ps(FP4_VALUES.as_ptr()) };
     let groups = cols / 32;
@@ -144,9 +146,9 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
         let mut codes = [_mm512_setzero_si512(); R];
         let mut scale = [_mm512_setzero_ps(); R];
         for r in 0..R {
-            let row = r0 + r;
+            let row = tile.row(r);
             let at = (row * groups + g) * MXFP4_BLOCK_BYTES;
-            prefetch(blocks.as_ptr(), at + TILE_ROWS * groups * MXFP4_BLOCK_BYTES);
+            prefetch(blocks.as_ptr(), at + ahead * groups * MXFP4_BLOCK_BYTES);
             // SAFETY: blocks g..g+4 of `row` are 64 bytes inside `blocks`.
             codes[r] = unsafe { _mm512_loadu_si512(blocks.as_ptr().add(at) as *const _) };
             let s = &scales[row * groups + g..row * groups + g + 4];
@@ -190,7 +192,7 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
         let mut even = [_mm512_setzero_ps(); R];
         let mut odd = [_mm512_setzero_ps(); R];
         for r in 0..R {
-            let row = r0 + r;
+            let row = tile.row(r);
             // SAFETY: block g of `row` is 16 bytes inside `blocks`.
             let bytes = unsafe {
                 _mm_loadu_si128(
@@ -222,7 +224,7 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
+            out[tile.row(r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
         }
     }
 }
@@ -247,9 +249,9 @@ pub unsafe fn matmul_mxfp4_q8(
     out: &mut [f32],
 ) {
     // 4 rows x 2 tokens: wider tiles spill registers (measured 20 % slower at 4 x 4).
-    for_each_tile!(out, tokens, TILE_ROWS, 2, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, TILE_ROWS, 2, Lanes, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_mxfp4_q8::<R, T>(spans, blocks, scales, cols, r0, t0, tokens, out) }
+        unsafe { tile_mxfp4_q8::<R, T>(spans, blocks, scales, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -286,11 +288,13 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
     blocks: &[u8],
     scales: &[u8],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
 ) {
+    // Rows below each tile row to prefetch.
+    let ahead = tile.ahead();
     // SAFETY: the table has 16 bytes.
     let lut = _mm512_broadcast_i32x4(unsafe {
         _mm_loadu_si128(FP4_DOUBLED_PLUS_12.as_ptr() as *const __m128i)
@@ -306,11 +310,11 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
     for quad in (0..groups).step_by(16) {
         let mut row_scales = [_mm512_setzero_ps(); R];
         for r in 0..R {
-            prefetch(scales.as_ptr(), (r0 + r + TILE_ROWS) * groups + quad);
-            // SAFETY: blocks quad.. of row r0 + r have min(16, groups - quad) scales.
+            prefetch(scales.as_ptr(), (tile.row(r) + ahead) * groups + quad);
+            // SAFETY: blocks quad.. of tile row r have min(16, groups - quad) scales.
             row_scales[r] = unsafe {
                 block_scales(
-                    scales.as_ptr().add((r0 + r) * groups + quad),
+                    scales.as_ptr().add(tile.row(r) * groups + quad),
                     (groups - quad).min(16),
                 )
             };
@@ -323,9 +327,9 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
             let mut high = [_mm512_setzero_si512(); R];
             let mut weight_scale = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                let at = ((r0 + r) * groups + span * 4) * MXFP4_BLOCK_BYTES;
-                prefetch(blocks.as_ptr(), at + TILE_ROWS * groups * MXFP4_BLOCK_BYTES);
-                // SAFETY: the span's `span_blocks` blocks of row r0 + r lie inside `blocks`; the
+                let at = (tile.row(r) * groups + span * 4) * MXFP4_BLOCK_BYTES;
+                prefetch(blocks.as_ptr(), at + ahead * groups * MXFP4_BLOCK_BYTES);
+                // SAFETY: the span's `span_blocks` blocks of tile row r lie inside `blocks`; the
                 // bytes of absent blocks are masked off and not read.
                 let codes = unsafe {
                     let at = blocks.as_ptr().add(at);
@@ -362,7 +366,7 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
+            out[tile.row(r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
         }
     }
 }
@@ -384,12 +388,10 @@ pub unsafe fn matmul_bf16_parts<const P: usize>(
     cols: usize,
     out: &mut [f32],
 ) {
-    // Tiles of up to 4 rows (one for a single token) × (4 / P) tokens: P accumulators per output
-    // fit the registers.
-    let rows = streaming_tile_rows(tokens);
-    for_each_tile!(out, tokens, rows, 4 / P, |r0, t0, R, T| {
+    // Tiles of up to 4 rows × (4 / P) tokens: P accumulators per output fit the registers.
+    for_each_tile!(out, tokens, TILE_ROWS, 4 / P, Rows, |tile, t0, R, T| {
         // SAFETY: the tile lies inside `w`, `x` and `out` by construction of `for_each_tile`.
-        unsafe { tile_bf16_parts::<R, T, P>(x, w, cols, r0, t0, tokens, out) }
+        unsafe { tile_bf16_parts::<R, T, P>(x, w, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -398,19 +400,21 @@ unsafe fn tile_bf16_parts<const R: usize, const T: usize, const P: usize>(
     x: &[u16],
     w: &[u16],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
 ) {
+    // Rows below each tile row to prefetch.
+    let ahead = tile.ahead();
     let mut acc = [[[_mm512_setzero_ps(); P]; T]; R];
     let full = cols / 32 * 32;
     for c in (0..full).step_by(32) {
         let mut rows = [_mm512_setzero_si512(); R];
         for r in 0..R {
-            let at = (r0 + r) * cols + c;
-            prefetch(w.as_ptr() as *const u8, (at + TILE_ROWS * cols) * 2);
-            // SAFETY: 32 weights of row r0 + r from column c < full <= cols.
+            let at = tile.row(r) * cols + c;
+            prefetch(w.as_ptr() as *const u8, (at + ahead * cols) * 2);
+            // SAFETY: 32 weights of tile row r from column c < full <= cols.
             rows[r] = unsafe { _mm512_loadu_si512(w.as_ptr().add(at) as *const _) };
         }
         for t in 0..T {
@@ -433,7 +437,7 @@ unsafe fn tile_bf16_parts<const R: usize, const T: usize, const P: usize>(
         }
     }
     for r in 0..R {
-        let w_row = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
+        let w_row = &w[tile.row(r) * cols..(tile.row(r) + 1) * cols];
         for t in 0..T {
             let mut total = 0f32;
             // Smallest part first.
@@ -446,7 +450,7 @@ unsafe fn tile_bf16_parts<const R: usize, const T: usize, const P: usize>(
                     .sum();
                 total += _mm512_reduce_add_ps(acc[r][t][p]) + tail;
             }
-            out[(r0 + r) * tokens + t0 + t] = total;
+            out[tile.row(r) * tokens + t0 + t] = total;
         }
     }
 }
@@ -637,11 +641,10 @@ pub unsafe fn matmul_q8_q8(
     cols: usize,
     out: &mut [f32],
 ) {
-    // 4 rows x 2 tokens, as the 8-bit MXFP4 kernel; rows one at a time for a single token.
-    let rows = streaming_tile_rows(tokens);
-    for_each_tile!(out, tokens, rows, 2, |r0, t0, R, T| {
+    // 4 rows x 2 tokens, as the 8-bit MXFP4 kernel.
+    for_each_tile!(out, tokens, TILE_ROWS, 2, Rows, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_q8_q8::<R, T>(groups, codes, scales, cols, r0, t0, tokens, out) }
+        unsafe { tile_q8_q8::<R, T>(groups, codes, scales, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -672,11 +675,13 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
     codes: &[u8],
     scales: &[f32],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
 ) {
+    // Rows below each tile row to prefetch.
+    let ahead = tile.ahead();
     let blocks = cols / 32;
     let groups_per_row = weight_groups(blocks).count();
     let mut acc = [[_mm512_setzero_ps(); T]; R];
@@ -693,9 +698,9 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
         for step in 0..8 {
             let mut weights = [_mm512_setzero_si512(); R];
             for r in 0..R {
-                let at = (r0 + r) * cols + first * 32 + 4 * size * step;
-                prefetch(codes.as_ptr(), at + TILE_ROWS * cols);
-                // SAFETY: step `step` of the group, `4 · size` codes of row r0 + r, lies inside
+                let at = tile.row(r) * cols + first * 32 + 4 * size * step;
+                prefetch(codes.as_ptr(), at + ahead * cols);
+                // SAFETY: step `step` of the group, `4 · size` codes of tile row r, lies inside
                 // `codes`.
                 weights[r] = unsafe { load_lanes(codes.as_ptr().add(at), size) };
             }
@@ -709,12 +714,12 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
         }
         let mut weight_scale = [_mm512_setzero_ps(); R];
         for r in 0..R {
-            let at = (r0 + r + TILE_ROWS) * blocks + first;
+            let at = (tile.row(r) + ahead) * blocks + first;
             prefetch(scales.as_ptr() as *const u8, 4 * at);
-            // SAFETY: the group's `size` scales of row r0 + r lie inside `scales`.
+            // SAFETY: the group's `size` scales of tile row r lie inside `scales`.
             weight_scale[r] = _mm512_castsi512_ps(unsafe {
                 load_lanes(
-                    scales.as_ptr().add((r0 + r) * blocks + first) as *const u8,
+                    scales.as_ptr().add(tile.row(r) * blocks + first) as *const u8,
                     size,
                 )
             });
@@ -730,7 +735,7 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[(r0 + r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
+            out[tile.row(r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]);
         }
     }
 }

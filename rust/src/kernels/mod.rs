@@ -588,33 +588,65 @@ pub fn deinterleave_pairs(x: &[f32]) -> Vec<f32> {
 }
 
 /// Rows a tile spans at most: the kernels prefetch each row at the same position `TILE_ROWS`
-/// rows below, which is the next tile's (or, in tiles of [`streaming_tile_rows`], that many rows
-/// ahead in the stream). Decoding spends enough instructions per byte that too few loads are in
-/// flight for the hardware prefetcher alone, and a fixed distance ahead within the row fell into
-/// rows the tile was already reading. Measured in one process alternating
-/// settings, decode GEMVs streaming from DRAM (2 threads) against a fixed 4096 (MXFP4, 8-bit) or
-/// 2048 (bf16) bytes ahead: MXFP4 exact +44 %, fast +20 %; bf16 exact +7 %, fast +12 %; 8-bit
-/// dense +22 %. Two tiles ahead measured the same as one.
+/// rows below, which is the next tile's (except down lanes: [`TileRows::ahead`]). Decoding spends
+/// enough instructions per byte that too few loads are in flight for the hardware prefetcher
+/// alone, and a fixed distance ahead within the row fell into rows the tile was already reading.
+/// Measured in one process alternating settings, decode GEMVs streaming from DRAM (2 threads)
+/// against a fixed 4096 (MXFP4, 8-bit) or 2048 (bf16) bytes ahead: MXFP4 exact +44 %, fast
+/// +20 %; bf16 exact +7 %, fast +12 %; 8-bit dense +22 %. Two tiles ahead measured the same as
+/// one.
 #[cfg(target_arch = "x86_64")]
 const TILE_ROWS: usize = 4;
 // `tile_sizes!` expands tiles of 1 to 4 rows.
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(TILE_ROWS <= 4);
 
-/// Rows a tile spans in the kernels whose single-token product reads its weights faster one row
-/// at a time: a decoding GEMV then streams each thread's rows in turn, one sequential stream that
-/// the hardware prefetcher follows, instead of `TILE_ROWS` streams a row apart. Measured per
-/// matrix in the 20b's decoding, one process alternating settings (2 threads, 40-65 GB/s), against
-/// 4-row tiles: AVX-512 bf16 +20-31 % (fast) and -1-+15 % (exact), 8-bit dense +15-24 %; AVX2
-/// 8-bit dense +12 % (kernel benchmark). The MXFP4 kernels, which spend more instructions per
-/// byte, lost up to 30 % at one row, and AVX2 bf16 (a single FMA chain) half: they keep
-/// `TILE_ROWS`.
-#[cfg(target_arch = "x86_64")]
-fn streaming_tile_rows(tokens: usize) -> usize {
-    if tokens == 1 {
-        1
-    } else {
-        TILE_ROWS
+/// How a kernel's tiles walk the rows of a single token's product (decoding). That product reads
+/// each weight once, so how the reads stream from memory sets its speed.
+///
+/// Measured per matrix in the 20b's decoding, one process alternating orders (2 threads, 40-65
+/// GB/s), against `Tiles`: AVX-512 bf16 `Rows` +20-31 % (fast) and -1-+15 % (exact), 8-bit dense
+/// `Rows` +15-24 %, MXFP4 `Lanes` +16 % (fast) and +5-8 % (exact); AVX2 8-bit dense `Rows` +12 %
+/// (kernel benchmark). MXFP4 at `Rows` lost up to 18 % (it spends more instructions per byte,
+/// and a 4-row tile loads each activation once for 4 rows), bf16 and 8-bit dense at `Lanes` up to
+/// 20 %, AVX2 bf16 (a single FMA chain) at `Rows` half.
+#[derive(Clone, Copy)]
+pub(crate) enum DecodeOrder {
+    /// Tiles of adjacent rows, as for several tokens: `TILE_ROWS` short streams a row apart.
+    Tiles,
+    /// One row at a time: each thread reads its rows as one sequential stream.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Rows,
+    /// Tiles whose rows lie a quarter of the task apart (for 4-row tiles): 4 long sequential
+    /// streams per thread, with each activation still loaded once for 4 rows.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Lanes,
+}
+
+/// The rows of one register tile: `first + r · stride` for each of its `R` rows.
+#[derive(Clone, Copy)]
+pub(crate) struct TileRows {
+    pub first: usize,
+    pub stride: usize,
+}
+
+impl TileRows {
+    #[inline(always)]
+    pub(crate) fn row(self, r: usize) -> usize {
+        self.first + r * self.stride
+    }
+
+    /// How far below each of its rows the tile prefetches: the next tile's row, or down a lane
+    /// `LANE_PREFETCH_ROWS` rows (1 and 2 measured alike, 8 slower).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) fn ahead(self) -> usize {
+        const LANE_PREFETCH_ROWS: usize = 2;
+        if self.stride == 1 {
+            TILE_ROWS
+        } else {
+            LANE_PREFETCH_ROWS
+        }
     }
 }
 
@@ -631,24 +663,56 @@ fn prefetch(base: *const u8, offset: usize) {
 }
 
 /// Visits `out` (`[rows, tokens]`) in register tiles of up to 4 rows × 4 tokens, binding the tile's
-/// first row and token and its const sizes `R` and `T` for the body.
+/// rows ([`TileRows`]), first token and const sizes `R` and `T` for the body. A single token's
+/// rows are walked in the given [`DecodeOrder`].
 macro_rules! for_each_tile {
-    ($out:expr, $tokens:expr, |$r0:ident, $t0:ident, $R:ident, $T:ident| $body:expr) => {
-        $crate::kernels::for_each_tile!($out, $tokens, 4, 4, |$r0, $t0, $R, $T| $body)
+    ($out:expr, $tokens:expr, |$tile:ident, $t0:ident, $R:ident, $T:ident| $body:expr) => {
+        $crate::kernels::for_each_tile!(
+            $out,
+            $tokens,
+            4,
+            4,
+            $crate::kernels::DecodeOrder::Tiles,
+            |$tile, $t0, $R, $T| $body
+        )
     };
-    ($out:expr, $tokens:expr, $max_rows:expr, $max_tokens:expr, |$r0:ident, $t0:ident, $R:ident, $T:ident| $body:expr) => {{
+    ($out:expr, $tokens:expr, $max_rows:expr, $max_tokens:expr, $decode:expr,
+     |$tile:ident, $t0:ident, $R:ident, $T:ident| $body:expr) => {{
+        // Full paths only: the caller may have imported the variants' names.
         let tokens: usize = $tokens;
         let rows = $out.len() / tokens;
-        let mut $r0 = 0;
-        while $r0 < rows {
-            let row_count = (rows - $r0).min($max_rows);
+        let mut max_rows: usize = $max_rows;
+        let mut first = 0;
+        if tokens == 1 {
+            match $decode {
+                $crate::kernels::DecodeOrder::Tiles => {}
+                $crate::kernels::DecodeOrder::Rows => max_rows = 1,
+                $crate::kernels::DecodeOrder::Lanes => {
+                    // Full tiles with rows `lane` apart; the last `rows % max_rows` rows below.
+                    let lane = rows / max_rows;
+                    while first < lane {
+                        let $tile = $crate::kernels::TileRows {
+                            first,
+                            stride: lane,
+                        };
+                        let $t0 = 0;
+                        $crate::kernels::tile_sizes!((max_rows, 1), $R, $T, $body);
+                        first += 1;
+                    }
+                    first = lane * max_rows;
+                }
+            }
+        }
+        while first < rows {
+            let row_count = (rows - first).min(max_rows);
+            let $tile = $crate::kernels::TileRows { first, stride: 1 };
             let mut $t0 = 0;
             while $t0 < tokens {
                 let token_count = (tokens - $t0).min($max_tokens);
                 $crate::kernels::tile_sizes!((row_count, token_count), $R, $T, $body);
                 $t0 += token_count;
             }
-            $r0 += row_count;
+            first += row_count;
         }
     }};
 }
@@ -876,8 +940,10 @@ mod tests {
     }
 
     /// Ragged rows, blocks and tokens; from 16 tokens on, AVX-512 runs the token-column kernel.
-    const MXFP4_SHAPES: [(usize, usize, usize); 13] = [
+    /// One token: 23 rows are 5 lanes of 4 and 3 adjacent rows ([`DecodeOrder::Lanes`]).
+    const MXFP4_SHAPES: [(usize, usize, usize); 14] = [
         (1, 32, 1),
+        (23, 96, 1),
         (3, 64, 2),
         (5, 96, 3),
         (17, 320, 5),

@@ -13,7 +13,8 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 use super::q8::{weight_groups, Q8Group, Q8Span, FP4_DOUBLED};
-use super::{for_each_tile, MXFP4_BLOCK_BYTES};
+use super::DecodeOrder::Tiles;
+use super::{for_each_tile, TileRows, MXFP4_BLOCK_BYTES};
 
 /// Whether the CPU has the dot-product instructions (`sdot`).
 pub fn has_dotprod() -> bool {
@@ -27,9 +28,9 @@ pub fn has_dotprod() -> bool {
 /// `x` is `[tokens, cols]`, `w` is `[rows, cols]`, `out` is `[rows, tokens]`.
 #[target_feature(enable = "neon")]
 pub unsafe fn matmul_bf16(x: &[f32], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
-    for_each_tile!(out, tokens, 4, 2, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, 4, 2, Tiles, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_bf16::<R, T>(x, w, cols, r0, t0, tokens, out) }
+        unsafe { tile_bf16::<R, T>(x, w, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -38,7 +39,7 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
     x: &[f32],
     w: &[u16],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
@@ -50,8 +51,8 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
         let mut low = [vdupq_n_f32(0.0); R];
         let mut high = [vdupq_n_f32(0.0); R];
         for r in 0..R {
-            // SAFETY: 8 weights of row r0 + r from column c < full <= cols.
-            let bits = unsafe { vld1q_u16(w.as_ptr().add((r0 + r) * cols + c)) };
+            // SAFETY: 8 weights of tile row r from column c < full <= cols.
+            let bits = unsafe { vld1q_u16(w.as_ptr().add(tile.row(r) * cols + c)) };
             low[r] = vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(bits)));
             high[r] = vreinterpretq_f32_u32(vshll_high_n_u16::<16>(bits));
         }
@@ -68,12 +69,12 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
         }
     }
     for r in 0..R {
-        let w_row = &w[(r0 + r) * cols..(r0 + r + 1) * cols];
+        let w_row = &w[tile.row(r) * cols..(tile.row(r) + 1) * cols];
         for t in 0..T {
             let x_row = &x[(t0 + t) * cols..(t0 + t + 1) * cols];
             let tail = super::scalar::dot_bf16(&x_row[full..], &w_row[full..]);
             let sum = vaddvq_f32(vaddq_f32(acc[r][t][0], acc[r][t][1]));
-            out[(r0 + r) * tokens + t0 + t] = sum + tail;
+            out[tile.row(r) * tokens + t0 + t] = sum + tail;
         }
     }
 }
@@ -107,9 +108,9 @@ pub unsafe fn matmul_mxfp4(
     cols: usize,
     out: &mut [f32],
 ) {
-    for_each_tile!(out, tokens, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_mxfp4::<R, T>(x, blocks, scales, cols, r0, t0, tokens, out) }
+        unsafe { tile_mxfp4::<R, T>(x, blocks, scales, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -120,7 +121,7 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
     blocks: &[u8],
     scales: &[u8],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
@@ -129,7 +130,7 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
     let mut acc = [[vdupq_n_f32(0.0); T]; R];
     for g in 0..groups {
         for r in 0..R {
-            let row = r0 + r;
+            let row = tile.row(r);
             // SAFETY: block g of `row` is 16 bytes inside `blocks`.
             let bytes =
                 unsafe { vld1q_u8(blocks.as_ptr().add((row * groups + g) * MXFP4_BLOCK_BYTES)) };
@@ -167,7 +168,7 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[(r0 + r) * tokens + t0 + t] = vaddvq_f32(acc[r][t]);
+            out[tile.row(r) * tokens + t0 + t] = vaddvq_f32(acc[r][t]);
         }
     }
 }
@@ -258,9 +259,9 @@ unsafe fn mxfp4_q8<const SDOT: bool>(
     cols: usize,
     out: &mut [f32],
 ) {
-    for_each_tile!(out, tokens, 4, 2, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, 4, 2, Tiles, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_mxfp4_q8::<R, T, SDOT>(spans, blocks, scales, cols, r0, t0, tokens, out) }
+        unsafe { tile_mxfp4_q8::<R, T, SDOT>(spans, blocks, scales, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -295,7 +296,7 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize, const SDOT: bool>(
     blocks: &[u8],
     scales: &[u8],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
@@ -306,7 +307,7 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize, const SDOT: bool>(
     for p in 0..spans_per_row {
         let present = (groups - 4 * p).min(4);
         for r in 0..R {
-            let row = r0 + r;
+            let row = tile.row(r);
             let mut block_dots = [[vdupq_n_s32(0); 4]; T];
             for b in 0..present {
                 let at = (row * groups + 4 * p + b) * MXFP4_BLOCK_BYTES;
@@ -341,7 +342,7 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize, const SDOT: bool>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[(r0 + r) * tokens + t0 + t] = vaddvq_f32(acc[r][t]);
+            out[tile.row(r) * tokens + t0 + t] = vaddvq_f32(acc[r][t]);
         }
     }
 }
@@ -382,9 +383,9 @@ unsafe fn q8_q8<const SDOT: bool>(
     cols: usize,
     out: &mut [f32],
 ) {
-    for_each_tile!(out, tokens, 4, 2, |r0, t0, R, T| {
+    for_each_tile!(out, tokens, 4, 2, Tiles, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
-        unsafe { tile_q8_q8::<R, T, SDOT>(groups, codes, scales, cols, r0, t0, tokens, out) }
+        unsafe { tile_q8_q8::<R, T, SDOT>(groups, codes, scales, cols, tile, t0, tokens, out) }
     });
 }
 
@@ -416,7 +417,7 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize, const SDOT: bool>(
     codes: &[u8],
     scales: &[f32],
     cols: usize,
-    r0: usize,
+    tile: TileRows,
     t0: usize,
     tokens: usize,
     out: &mut [f32],
@@ -433,9 +434,9 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize, const SDOT: bool>(
             for step in 0..8 {
                 let mut weights = [vdupq_n_s8(0); R];
                 for r in 0..R {
-                    let at = (r0 + r) * cols + first * 32 + 4 * size * step + 16 * quarter;
+                    let at = tile.row(r) * cols + first * 32 + 4 * size * step + 16 * quarter;
                     // SAFETY: this quarter of step `step` of the group, `4 · lanes` codes of row
-                    // r0 + r, lies inside `codes`.
+                    // tile row r, lies inside `codes`.
                     let stored = unsafe { load_lanes(codes.as_ptr().add(at), lanes) };
                     weights[r] = vreinterpretq_s8_u8(veorq_u8(stored, offset));
                 }
@@ -449,8 +450,8 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize, const SDOT: bool>(
                 }
             }
             for r in 0..R {
-                let at = (r0 + r) * blocks + first + 4 * quarter;
-                // SAFETY: this quarter's `lanes` scales of row r0 + r lie inside `scales`.
+                let at = tile.row(r) * blocks + first + 4 * quarter;
+                // SAFETY: this quarter's `lanes` scales of tile row r lie inside `scales`.
                 let weight_scale = vreinterpretq_f32_u8(unsafe {
                     load_lanes(scales.as_ptr().add(at) as *const u8, lanes)
                 });
@@ -465,7 +466,7 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize, const SDOT: bool>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[(r0 + r) * tokens + t0 + t] = vaddvq_f32(acc[r][t]);
+            out[tile.row(r) * tokens + t0 + t] = vaddvq_f32(acc[r][t]);
         }
     }
 }
