@@ -7,9 +7,9 @@ use rayon::prelude::*;
 /// Bytes per parallel task.
 const TASK_BYTES: usize = 1 << 20;
 
-/// Streams a task reads in turn, a cache line at a time, as a kernel tile reads its rows: one
-/// sequential stream per task measured 4-8 % less bandwidth here, which would flatter the
-/// roofline percentages.
+/// Streams a task reads in turn, a cache line at a time, as an MXFP4 decode tile reads its
+/// lanes: one sequential stream per task measured 4-8 % less bandwidth here, which would flatter
+/// the roofline percentages.
 const STREAMS: usize = 4;
 
 /// Best-of-`repeats` read bandwidth in bytes per second over `bytes`, read on the current rayon
