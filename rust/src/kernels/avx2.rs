@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::q8::{weight_groups, Q8Group, Q8Span, FP4_DOUBLED_PLUS_12};
-use super::DecodeOrder::Rows;
+use super::DecodeOrder::{Lanes, Rows};
 use super::{for_each_tile, prefetch, TileRows, MXFP4_BLOCK_BYTES, TILE_ROWS};
 
 /// `out[r * tokens + t] = Σ_c x[t, c] · w[r, c]`, with `x` in [`super::unpack_order`] for 16-wide
@@ -18,7 +18,7 @@ use super::{for_each_tile, prefetch, TileRows, MXFP4_BLOCK_BYTES, TILE_ROWS};
 /// `[rows, tokens]`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn matmul_bf16(x: &[f32], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
-    for_each_tile!(out, tokens, |tile, t0, R, T| {
+    for_each_tile!(out, tokens, TILE_ROWS, 4, Lanes, |tile, t0, R, T| {
         // SAFETY: the tile lies inside the operands by construction of `for_each_tile`.
         unsafe { tile_bf16::<R, T>(x, w, cols, tile, t0, tokens, out) }
     });
@@ -388,7 +388,7 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
                     if half == 0 {
                         prefetch(codes.as_ptr(), at + ahead * cols);
                     }
-                    // SAFETY: this half of step `step` of the group, `4 · lanes` codes of row
+                    // SAFETY: this half of step `step` of the group, `4 · lanes` codes of
                     // tile row r, lies inside `codes`.
                     let stored = unsafe { load_lanes(codes.as_ptr().add(at), lanes) };
                     weights[r] = _mm256_xor_si256(stored, offset);

@@ -24,7 +24,7 @@ use crate::kernels::scalar::{bf16_to_f32, e8m0_to_f32, FP4_VALUES};
 /// `[rows, tokens]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn matmul_bf16(x: &[f32], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
-    for_each_tile!(out, tokens, 4, 4, Rows, |tile, t0, R, T| {
+    for_each_tile!(out, tokens, TILE_ROWS, 4, Rows, |tile, t0, R, T| {
         // SAFETY: the tile lies inside `w`, `x` and `out` by construction of `for_each_tile`.
         unsafe { tile_bf16::<R, T>(x, w, cols, tile, t0, tokens, out) }
     });

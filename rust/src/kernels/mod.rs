@@ -588,13 +588,13 @@ pub fn deinterleave_pairs(x: &[f32]) -> Vec<f32> {
 }
 
 /// Rows a tile spans at most: the kernels prefetch each row at the same position `TILE_ROWS`
-/// rows below, which is the next tile's (except down lanes: [`TileRows::ahead`]). Decoding spends
-/// enough instructions per byte that too few loads are in flight for the hardware prefetcher
-/// alone, and a fixed distance ahead within the row fell into rows the tile was already reading.
-/// Measured in one process alternating settings, decode GEMVs streaming from DRAM (2 threads)
-/// against a fixed 4096 (MXFP4, 8-bit) or 2048 (bf16) bytes ahead: MXFP4 exact +44 %, fast
-/// +20 %; bf16 exact +7 %, fast +12 %; 8-bit dense +22 %. Two tiles ahead measured the same as
-/// one.
+/// rows below, which is the next tile's (see [`TileRows::ahead`] for the decode orders).
+/// Decoding spends enough instructions per byte that too few loads are in flight for the
+/// hardware prefetcher alone, and a fixed distance ahead within the row fell into rows the tile
+/// was already reading. Measured in one process alternating settings, decode GEMVs streaming
+/// from DRAM (2 threads) against a fixed 4096 (MXFP4, 8-bit) or 2048 (bf16) bytes ahead: MXFP4
+/// exact +44 %, fast +20 %; bf16 exact +7 %, fast +12 %; 8-bit dense +22 %. Two tiles ahead
+/// measured the same as one.
 #[cfg(target_arch = "x86_64")]
 const TILE_ROWS: usize = 4;
 // `tile_sizes!` expands tiles of 1 to 4 rows.
@@ -606,10 +606,11 @@ const _: () = assert!(TILE_ROWS <= 4);
 ///
 /// Measured per matrix in the 20b's decoding, one process alternating orders (2 threads, 40-65
 /// GB/s), against `Tiles`: AVX-512 bf16 `Rows` +20-31 % (fast) and -1-+15 % (exact), 8-bit dense
-/// `Rows` +15-24 %, MXFP4 `Lanes` +16 % (fast) and +5-8 % (exact); AVX2 8-bit dense `Rows` +12 %
-/// (kernel benchmark). MXFP4 at `Rows` lost up to 18 % (it spends more instructions per byte,
-/// and a 4-row tile loads each activation once for 4 rows), bf16 and 8-bit dense at `Lanes` up to
-/// 20 %, AVX2 bf16 (a single FMA chain) at `Rows` half.
+/// `Rows` +15-24 %, MXFP4 `Lanes` +16 % (fast) and +5-8 % (exact). Kernel benchmarks, AVX2:
+/// bf16 `Lanes` +13 %, 8-bit dense `Rows` +12 %. MXFP4 at `Rows` lost up to 18 % on AVX-512 (it
+/// spends more instructions per byte, and a 4-row tile loads each activation once for 4 rows)
+/// and at `Lanes` 11 % on AVX2; bf16 and 8-bit dense at `Lanes` up to 20 % on AVX-512; AVX2 bf16
+/// (a single FMA chain) at `Rows` half. NEON keeps `Tiles`: not measured on ARM hardware.
 #[derive(Clone, Copy)]
 pub(crate) enum DecodeOrder {
     /// Tiles of adjacent rows, as for several tokens: `TILE_ROWS` short streams a row apart.
@@ -636,8 +637,9 @@ impl TileRows {
         self.first + r * self.stride
     }
 
-    /// How far below each of its rows the tile prefetches: the next tile's row, or down a lane
-    /// `LANE_PREFETCH_ROWS` rows (1 and 2 measured alike, 8 slower).
+    /// How far below each of its rows the tile prefetches: `TILE_ROWS` rows, which is the next
+    /// 4-row tile's row, or 4 rows ahead in the stream of [`DecodeOrder::Rows`]; down a lane of
+    /// [`DecodeOrder::Lanes`], `LANE_PREFETCH_ROWS` (1 and 2 measured alike, 8 slower).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     pub(crate) fn ahead(self) -> usize {
@@ -849,6 +851,8 @@ mod tests {
             (64, 128, 4),
             (130, 2880, 9),
             (7, 33, 1),
+            // One token, in lanes on AVX2: 5 tiles of 4 rows 5 apart, then 3 adjacent rows.
+            (23, 100, 1),
         ] {
             let x = random_f32(&mut rng, tokens * cols);
             let w: Vec<u16> = random_f32(&mut rng, rows * cols)
@@ -940,10 +944,14 @@ mod tests {
     }
 
     /// Ragged rows, blocks and tokens; from 16 tokens on, AVX-512 runs the token-column kernel.
-    /// One token: 23 rows are 5 lanes of 4 and 3 adjacent rows ([`DecodeOrder::Lanes`]).
-    const MXFP4_SHAPES: [(usize, usize, usize); 14] = [
+    /// One token ([`DecodeOrder::Lanes`] on AVX-512): 23 rows are 5 tiles of 4 rows 5 apart, then
+    /// 3 adjacent rows; 6 rows one tile (rows 1 apart) and 2; 400 rows three tasks, the last of 64.
+    const MXFP4_SHAPES: [(usize, usize, usize); 17] = [
         (1, 32, 1),
         (23, 96, 1),
+        (6, 160, 1),
+        (8, 2880, 1),
+        (400, 2880, 1),
         (3, 64, 2),
         (5, 96, 3),
         (17, 320, 5),

@@ -435,7 +435,7 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize, const SDOT: bool>(
                 let mut weights = [vdupq_n_s8(0); R];
                 for r in 0..R {
                     let at = tile.row(r) * cols + first * 32 + 4 * size * step + 16 * quarter;
-                    // SAFETY: this quarter of step `step` of the group, `4 · lanes` codes of row
+                    // SAFETY: this quarter of step `step` of the group, `4 · lanes` codes of
                     // tile row r, lies inside `codes`.
                     let stored = unsafe { load_lanes(codes.as_ptr().add(at), lanes) };
                     weights[r] = vreinterpretq_s8_u8(veorq_u8(stored, offset));
