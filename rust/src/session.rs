@@ -95,7 +95,6 @@ impl Session {
     /// Writes the cached tokens, keys and values and the last logits to `path`, so that
     /// [`Session::load`] resumes exactly here without recomputing anything.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let layers = self.cache.layer_data();
         let header = serde_json::json!({
             "format": SESSION_FORMAT,
             "model": format!("{:016x}", self.model.fingerprint),
@@ -105,7 +104,7 @@ impl Session {
             "tokens": self.cache.tokens(),
             "ring_valid_from": self.cache.ring_valid_from(),
             "kv": self.cache.format().name(),
-            "layer_values": layers.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
+            "layer_values": self.cache.layer_values(),
             "logits": self.last_logits.as_ref().map_or(0, Vec::len),
         })
         .to_string();
@@ -117,14 +116,11 @@ impl Session {
         out.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;
         out.write_all(header.as_bytes()).map_err(io)?;
+        self.cache
+            .write_layers(|bytes| out.write_all(bytes).map_err(io))?;
         let last_logits = self.last_logits.as_deref().unwrap_or_default();
-        for bytes in layers
-            .iter()
-            .flat_map(|(_, k, v)| [*k, *v])
-            .chain([bytemuck::cast_slice(last_logits)])
-        {
-            out.write_all(bytes).map_err(io)?;
-        }
+        out.write_all(bytemuck::cast_slice(last_logits))
+            .map_err(io)?;
         out.flush().map_err(io)
     }
 

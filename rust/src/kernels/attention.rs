@@ -58,15 +58,14 @@ impl KvElement for Bf16 {
     }
 }
 
-/// Where the keys and values of positions `0..` come from, in blocks of positions
-/// `block·KEY_BLOCK..(block + 1)·KEY_BLOCK`. Either slice holds each KV head's part contiguously,
-/// so the part of KV head g starts at `g·head_dim·KEY_BLOCK`.
+/// Where one KV head's keys and values of positions `0..` come from, in blocks of positions
+/// `block·KEY_BLOCK..(block + 1)·KEY_BLOCK`.
 pub trait KeyValues: Sync {
     type Element: KvElement;
-    /// The block's keys, transposed: `[kv_heads, head_dim, KEY_BLOCK]`.
-    fn key_block(&self, block: usize) -> &[Self::Element];
-    /// The block's values: `[kv_heads, KEY_BLOCK, head_dim]`.
-    fn value_block(&self, block: usize) -> &[Self::Element];
+    /// The block's keys for KV head `kv_head`, transposed: `[head_dim, KEY_BLOCK]`.
+    fn key_block(&self, kv_head: usize, block: usize) -> &[Self::Element];
+    /// The block's values for KV head `kv_head`: `[KEY_BLOCK, head_dim]`.
+    fn value_block(&self, kv_head: usize, block: usize) -> &[Self::Element];
 }
 
 /// The query heads of one GQA group at one position.
@@ -122,12 +121,7 @@ unsafe fn attend_avx512<S: KeyValues>(
 }
 
 #[inline(always)]
-fn attend_generic<'a, S: KeyValues>(
-    kv: &'a S,
-    query: &Query,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+fn attend_generic<S: KeyValues>(kv: &S, query: &Query, scores: &mut Vec<f32>, out: &mut [f32]) {
     let heads = query.sinks.len();
     let dim = out.len() / heads;
     let first_block = query.first / KEY_BLOCK;
@@ -142,12 +136,10 @@ fn attend_generic<'a, S: KeyValues>(
         scores.resize(needed, 0.0);
     }
     let (scores, inv_denominator) = scores[..needed].split_at_mut(heads * span);
-    let part =
-        |block: &'a [S::Element]| &block[query.kv_head * dim * KEY_BLOCK..][..dim * KEY_BLOCK];
     for b in 0..blocks {
-        let keys = part(kv.key_block(first_block + b));
+        let keys = kv.key_block(query.kv_head, first_block + b);
         if b + 1 < blocks {
-            prefetch(part(kv.key_block(first_block + b + 1)));
+            prefetch(kv.key_block(query.kv_head, first_block + b + 1));
         }
         let rows = query.q.chunks_exact(dim).zip(scores.chunks_exact_mut(span));
         let rows = rows.map(|(q, row)| {
@@ -180,10 +172,10 @@ fn attend_generic<'a, S: KeyValues>(
     // them.
     for b in 0..blocks {
         let lanes = valid.start.max(b * KEY_BLOCK)..valid.end.min((b + 1) * KEY_BLOCK);
-        let values = &part(kv.value_block(first_block + b))
+        let values = &kv.value_block(query.kv_head, first_block + b)
             [(lanes.start - b * KEY_BLOCK) * dim..(lanes.end - b * KEY_BLOCK) * dim];
         if b + 1 < blocks {
-            prefetch(part(kv.value_block(first_block + b + 1)));
+            prefetch(kv.value_block(query.kv_head, first_block + b + 1));
         }
         let heads = scores
             .chunks_exact(span)
@@ -299,9 +291,9 @@ fn weighted_sum_any<E: KvElement>(out: &mut [f32], p: &[f32], values: &[E]) {
     }
 }
 
-/// Asks for `data` in the cache ahead of use: a group reads its KV head's part of each block, runs
-/// of `head_dim · KEY_BLOCK` floats a whole block apart, and the hardware prefetchers do not jump
-/// between them.
+/// Asks for `data` in the cache ahead of use. A KV head's blocks follow one another in memory, so
+/// the hardware prefetchers mostly have them already; this still gained ~0.4 % of a token at depth
+/// 4096 (the prefetchers stop at page boundaries).
 #[inline(always)]
 fn prefetch<E: KvElement>(data: &[E]) {
     #[cfg(target_arch = "x86_64")]
@@ -393,13 +385,15 @@ mod tests {
     }
 
     /// Keys and values `[positions, kv_heads, head_dim]` as stored (rounded to `E`), also in the
-    /// block layout.
+    /// block layout, `[kv_heads, blocks, ..]`.
     struct Rows<E> {
         keys: Vec<f32>,
         values: Vec<f32>,
         key_blocks: Vec<E>,
         value_blocks: Vec<E>,
         kv_dim: usize,
+        dim: usize,
+        blocks: usize,
     }
 
     impl<E: KvElement> Rows<E> {
@@ -409,13 +403,14 @@ mod tests {
                 |i: usize, m: usize| E::from_f32(((i * m % 101) as f32 - 50.0) / 40.0 + 1e-3);
             let keys: Vec<E> = (0..positions * kv_dim).map(|i| element(i, 37)).collect();
             let values: Vec<E> = (0..positions * kv_dim).map(|i| element(i, 53)).collect();
-            let len = positions.next_multiple_of(KEY_BLOCK) * kv_dim;
+            let blocks = positions.div_ceil(KEY_BLOCK);
+            let len = blocks * KEY_BLOCK * kv_dim;
             let (mut key_blocks, mut value_blocks) =
                 (vec![E::default(); len], vec![E::default(); len]);
             for j in 0..positions {
                 let (block, lane) = (j / KEY_BLOCK, j % KEY_BLOCK);
                 for g in 0..kv_heads {
-                    let part = (block * kv_heads + g) * dim * KEY_BLOCK;
+                    let part = (g * blocks + block) * dim * KEY_BLOCK;
                     for d in 0..dim {
                         let row = j * kv_dim + g * dim + d;
                         key_blocks[part + d * KEY_BLOCK + lane] = keys[row];
@@ -431,7 +426,15 @@ mod tests {
                 key_blocks,
                 value_blocks,
                 kv_dim,
+                dim,
+                blocks,
             }
+        }
+
+        fn block_range(&self, kv_head: usize, block: usize) -> std::ops::Range<usize> {
+            let len = self.dim * KEY_BLOCK;
+            let start = (kv_head * self.blocks + block) * len;
+            start..start + len
         }
 
         fn key(&self, j: usize) -> &[f32] {
@@ -446,14 +449,12 @@ mod tests {
     impl<E: KvElement> KeyValues for Rows<E> {
         type Element = E;
 
-        fn key_block(&self, block: usize) -> &[E] {
-            let len = KEY_BLOCK * self.kv_dim;
-            &self.key_blocks[block * len..(block + 1) * len]
+        fn key_block(&self, kv_head: usize, block: usize) -> &[E] {
+            &self.key_blocks[self.block_range(kv_head, block)]
         }
 
-        fn value_block(&self, block: usize) -> &[E] {
-            let len = KEY_BLOCK * self.kv_dim;
-            &self.value_blocks[block * len..(block + 1) * len]
+        fn value_block(&self, kv_head: usize, block: usize) -> &[E] {
+            &self.value_blocks[self.block_range(kv_head, block)]
         }
     }
 
