@@ -161,8 +161,8 @@ impl<E: KvElement> LayerCache<E> {
     }
 
     /// Where the stored blocks of this layer's keys (or values) lie, as (KV head, range), in a
-    /// session file's order: block by block, each block's KV heads in turn. That was the cache's layout when session
-    /// files were introduced, and files keep it.
+    /// session file's order: block by block, each block's KV heads in turn. That was the cache's
+    /// layout for format 2, and files keep it.
     fn file_order(&self, tokens: usize) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> {
         let (heads, len) = (self.keys.len(), KEY_BLOCK * self.head_dim);
         (0..self.stored_blocks(tokens))
@@ -490,8 +490,8 @@ mod tests {
         }
     }
 
-    /// Session files keep the layout the cache had when they were introduced (format 2): per layer,
-    /// the keys then the values, block by block, each block holding every KV head's part in turn.
+    /// Session files keep the layout the cache had for format 2: per layer, the keys then the
+    /// values, block by block, each block holding every KV head's part in turn.
     #[test]
     fn session_data_keeps_the_file_layout_and_restores_every_position() {
         let mut cache = KvCache::new(&config(), 3000, 0, KvFormat::F32).unwrap();
@@ -516,14 +516,18 @@ mod tests {
             .map(|b| f32::from_ne_bytes(b.try_into().unwrap()))
             .collect();
         assert_eq!(stored.len(), 2 * (ring * 8 + 2 * KEY_BLOCK * 8));
-        let (full_keys, full_values) = stored[2 * ring * 8..].split_at(2 * KEY_BLOCK * 8);
-        for j in 0..100 {
-            let (block, lane) = (j / KEY_BLOCK, j % KEY_BLOCK);
-            for (g, d) in (0..2).flat_map(|g| (0..4).map(move |d| (g, d))) {
-                let part = (block * 2 + g) * 4 * KEY_BLOCK;
-                let want = element(j, g * 4 + d, 0);
-                assert_eq!(full_keys[part + d * KEY_BLOCK + lane], want);
-                assert_eq!(full_values[part + lane * 4 + d], want + 0.5);
+        // The ring's first 100 slots hold positions 0..100, as the full layer's do.
+        let (ring_layer, full_layer) = stored.split_at(2 * ring * 8);
+        for (layer, len) in [(ring_layer, ring * 8), (full_layer, 2 * KEY_BLOCK * 8)] {
+            let (keys, values) = layer.split_at(len);
+            for j in 0..100 {
+                let (block, lane) = (j / KEY_BLOCK, j % KEY_BLOCK);
+                for (g, d) in (0..2).flat_map(|g| (0..4).map(move |d| (g, d))) {
+                    let part = (block * 2 + g) * 4 * KEY_BLOCK;
+                    let want = element(j, g * 4 + d, 0);
+                    assert_eq!(keys[part + d * KEY_BLOCK + lane], want);
+                    assert_eq!(values[part + lane * 4 + d], want + 0.5);
+                }
             }
         }
 
