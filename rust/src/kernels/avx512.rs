@@ -41,7 +41,12 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
     out: &mut [f32],
 ) {
     let zero = _mm512_setzero_si512();
+    // Each load's low and high halves go to their own accumulators when the tile is small (a
+    // decoded token's one-row tile): a single chain of dependent FMAs would wait on their latency.
+    // Larger tiles have enough chains, and the registers for no more.
+    let split = R * T <= 4;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut acc_high = [[_mm512_setzero_ps(); T]; R];
     let full = cols / 32 * 32;
     for c in (0..full).step_by(32) {
         let mut low = [_mm512_setzero_ps(); R];
@@ -64,7 +69,11 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
             };
             for r in 0..R {
                 acc[r][t] = _mm512_fmadd_ps(low[r], xl, acc[r][t]);
-                acc[r][t] = _mm512_fmadd_ps(high[r], xh, acc[r][t]);
+                if split {
+                    acc_high[r][t] = _mm512_fmadd_ps(high[r], xh, acc_high[r][t]);
+                } else {
+                    acc[r][t] = _mm512_fmadd_ps(high[r], xh, acc[r][t]);
+                }
             }
         }
     }
@@ -74,7 +83,8 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
             // The ragged tail is left in natural order by `unpack_order`.
             let x_row = &x[(t0 + t) * cols..(t0 + t + 1) * cols];
             let tail = super::scalar::dot_bf16(&x_row[full..], &w_row[full..]);
-            out[tile.row(r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]) + tail;
+            let sum = _mm512_add_ps(acc[r][t], acc_high[r][t]);
+            out[tile.row(r) * tokens + t0 + t] = _mm512_reduce_add_ps(sum) + tail;
         }
     }
 }
@@ -371,32 +381,23 @@ unsafe fn tile_mxfp4_q8<const R: usize, const T: usize>(
     }
 }
 
-/// bf16 rows × activations given as `P` bf16 parts per token (`x = Σ parts`): `vdpbf16ps`
-/// multiplies the 32 bf16 pairs of one 64-byte load of weights and of a part exactly and adds
-/// each pair's sum into an f32 lane, so row-major weights and activations need no reordering.
-/// The fast path rounds each activation to one part; the exact path splits it into three, which
-/// hold all 24 bits of an f32, each part summed in its own accumulator.
+/// bf16 rows × activations rounded to bf16 (the fast path): `vdpbf16ps` multiplies the 32 bf16
+/// pairs of one 64-byte load of weights and of activations exactly and adds each pair's sum into
+/// an f32 lane, so row-major weights and activations need no reordering.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW, VL and BF16; `x` is `[tokens, P, cols]` bf16 bits, `w`
+/// The CPU must support AVX-512 F, BW, VL and BF16; `x` is `[tokens, cols]` bf16 bits, `w`
 /// `[rows, cols]`, `out` `[rows, tokens]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub unsafe fn matmul_bf16_parts<const P: usize>(
-    x: &[u16],
-    tokens: usize,
-    w: &[u16],
-    cols: usize,
-    out: &mut [f32],
-) {
-    // Tiles of up to 4 rows × (4 / P) tokens: P accumulators per output fit the registers.
-    for_each_tile!(out, tokens, TILE_ROWS, 4 / P, Rows, |tile, t0, R, T| {
+pub unsafe fn matmul_bf16_dot(x: &[u16], tokens: usize, w: &[u16], cols: usize, out: &mut [f32]) {
+    for_each_tile!(out, tokens, TILE_ROWS, 4, Rows, |tile, t0, R, T| {
         // SAFETY: the tile lies inside `w`, `x` and `out` by construction of `for_each_tile`.
-        unsafe { tile_bf16_parts::<R, T, P>(x, w, cols, tile, t0, tokens, out) }
+        unsafe { tile_bf16_dot::<R, T>(x, w, cols, tile, t0, tokens, out) }
     });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn tile_bf16_parts<const R: usize, const T: usize, const P: usize>(
+unsafe fn tile_bf16_dot<const R: usize, const T: usize>(
     x: &[u16],
     w: &[u16],
     cols: usize,
@@ -407,7 +408,7 @@ unsafe fn tile_bf16_parts<const R: usize, const T: usize, const P: usize>(
 ) {
     // Rows below each tile row to prefetch.
     let ahead = tile.ahead();
-    let mut acc = [[[_mm512_setzero_ps(); P]; T]; R];
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
     let full = cols / 32 * 32;
     for c in (0..full).step_by(32) {
         let mut rows = [_mm512_setzero_si512(); R];
@@ -418,39 +419,30 @@ unsafe fn tile_bf16_parts<const R: usize, const T: usize, const P: usize>(
             rows[r] = unsafe { _mm512_loadu_si512(w.as_ptr().add(at) as *const _) };
         }
         for t in 0..T {
-            for p in 0..P {
-                // SAFETY: 32 values of part p of token t0 + t from column c.
-                let part = unsafe {
-                    _mm512_loadu_si512(x.as_ptr().add(((t0 + t) * P + p) * cols + c) as *const _)
+            // SAFETY: 32 activations of token t0 + t from column c.
+            let xs = unsafe { _mm512_loadu_si512(x.as_ptr().add((t0 + t) * cols + c) as *const _) };
+            for r in 0..R {
+                // SAFETY: `__m512bh` and `__m512i` are the same 64 bytes, read as 32 bf16.
+                acc[r][t] = unsafe {
+                    _mm512_dpbf16_ps(
+                        acc[r][t],
+                        std::mem::transmute::<__m512i, __m512bh>(rows[r]),
+                        std::mem::transmute::<__m512i, __m512bh>(xs),
+                    )
                 };
-                for r in 0..R {
-                    // SAFETY: `__m512bh` and `__m512i` are the same 64 bytes, read as 32 bf16.
-                    acc[r][t][p] = unsafe {
-                        _mm512_dpbf16_ps(
-                            acc[r][t][p],
-                            std::mem::transmute::<__m512i, __m512bh>(rows[r]),
-                            std::mem::transmute::<__m512i, __m512bh>(part),
-                        )
-                    };
-                }
             }
         }
     }
     for r in 0..R {
         let w_row = &w[tile.row(r) * cols..(tile.row(r) + 1) * cols];
         for t in 0..T {
-            let mut total = 0f32;
-            // Smallest part first.
-            for p in (0..P).rev() {
-                let x_row = &x[((t0 + t) * P + p) * cols..((t0 + t) * P + p + 1) * cols];
-                let tail: f32 = x_row[full..]
-                    .iter()
-                    .zip(&w_row[full..])
-                    .map(|(&a, &b)| bf16_to_f32(a) * bf16_to_f32(b))
-                    .sum();
-                total += _mm512_reduce_add_ps(acc[r][t][p]) + tail;
-            }
-            out[tile.row(r) * tokens + t0 + t] = total;
+            let x_row = &x[(t0 + t) * cols..(t0 + t + 1) * cols];
+            let tail: f32 = x_row[full..]
+                .iter()
+                .zip(&w_row[full..])
+                .map(|(&a, &b)| bf16_to_f32(a) * bf16_to_f32(b))
+                .sum();
+            out[tile.row(r) * tokens + t0 + t] = _mm512_reduce_add_ps(acc[r][t]) + tail;
         }
     }
 }

@@ -164,22 +164,6 @@ pub fn default_isa() -> Result<Isa, String> {
     DEFAULT.get_or_init(Isa::select).clone()
 }
 
-/// Up to this many tokens, exact bf16 products on AVX-512 BF16 split the activations into parts.
-#[cfg(target_arch = "x86_64")]
-const EXACT_BF16_PARTS_TOKENS: usize = 1;
-
-/// `x` as three bf16 values that sum to it exactly: each is `x`'s remainder truncated to its top
-/// 8 significant bits, and an f32 has 24. Exact for finite |x| >= 2^-102, where no part is
-/// subnormal (`vdpbf16ps` flushes subnormals; activations are never that small).
-#[cfg(target_arch = "x86_64")]
-fn split_bf16(x: f32) -> [u16; 3] {
-    let high = (x.to_bits() >> 16) as u16;
-    let rest = x - f32::from_bits((high as u32) << 16);
-    let middle = (rest.to_bits() >> 16) as u16;
-    let low = ((rest - f32::from_bits((middle as u32) << 16)).to_bits() >> 16) as u16;
-    [high, middle, low]
-}
-
 /// From this many tokens on, AVX-512 runs 8-bit MXFP4 products with the tokens in vector lanes.
 #[cfg(target_arch = "x86_64")]
 const COLUMN_KERNEL_TOKENS: usize = 16;
@@ -323,13 +307,9 @@ enum Activations<'a> {
     Q8Columns(q8::TokenColumns),
     /// 8-bit, `[tokens, groups of blocks]` (the SIMD kernels for 8-bit weights).
     Q8Groups(Vec<q8::Q8Group>),
-    /// `[tokens, parts, cols]` bf16 bits (`vdpbf16ps`): one part rounded (fast), or three that
-    /// sum to the f32 exactly (exact).
+    /// `[tokens, cols]` rounded to bf16 bits (the fast path's `vdpbf16ps` kernel).
     #[cfg(target_arch = "x86_64")]
-    Bf16Parts {
-        parts: usize,
-        bits: Vec<u16>,
-    },
+    Bf16(Vec<u16>),
 }
 
 /// The activations in the form and order the kernels of `isa` read them for `weights`.
@@ -357,29 +337,11 @@ fn prepare_activations<'a>(
         (_, WeightMatrix::Mxfp4 { .. }, Precision::Fast) => Activations::Q8(q8::quantize(x)),
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512, WeightMatrix::Bf16(_), Precision::Fast) if has_avx512_bf16() => {
-            Activations::Bf16Parts {
-                parts: 1,
-                bits: x
-                    .iter()
+            Activations::Bf16(
+                x.iter()
                     .map(|&v| half::bf16::from_f32(v).to_bits())
                     .collect(),
-            }
-        }
-        // Decoding: three bf16 dot products per weight cost fewer instructions than widening
-        // the weights to f32, and the products stay exact; prefill keeps the f32 kernel.
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512, WeightMatrix::Bf16(_), Precision::Exact)
-            if has_avx512_bf16() && x.len() <= EXACT_BF16_PARTS_TOKENS * cols =>
-        {
-            let mut bits = vec![0u16; 3 * x.len()];
-            for (row, out) in x.chunks_exact(cols).zip(bits.chunks_exact_mut(3 * cols)) {
-                for (c, &v) in row.iter().enumerate() {
-                    for (p, part) in split_bf16(v).into_iter().enumerate() {
-                        out[p * cols + c] = part;
-                    }
-                }
-            }
-            Activations::Bf16Parts { parts: 3, bits }
+            )
         }
         (_, WeightMatrix::Bf16(_), Precision::Fast) => {
             let rounded: Vec<f32> = x
@@ -477,12 +439,8 @@ fn run_kernel(
         }
         // SAFETY: `prepare_activations` gave bf16 activations only where AVX-512 BF16 runs.
         #[cfg(target_arch = "x86_64")]
-        (WeightMatrix::Bf16(w), Activations::Bf16Parts { parts, bits }) => unsafe {
-            let w = &w[first * cols..(first + n) * cols];
-            match parts {
-                1 => avx512::matmul_bf16_parts::<1>(bits, tokens, w, cols, out),
-                _ => avx512::matmul_bf16_parts::<3>(bits, tokens, w, cols, out),
-            }
+        (WeightMatrix::Bf16(w), Activations::Bf16(x)) => unsafe {
+            avx512::matmul_bf16_dot(x, tokens, &w[first * cols..(first + n) * cols], cols, out)
         },
         (WeightMatrix::Bf16(_), _) => unreachable!("no bf16 kernel for these activations"),
         (WeightMatrix::Q8 { codes, scales }, x) => {
@@ -1194,30 +1152,6 @@ mod tests {
                 assert_eq!(codes, grouped, "{isa:?} row {r}");
                 assert_eq!(scales, want_scales[r * 3..][..3], "{isa:?} row {r}");
             }
-        }
-    }
-
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn split_bf16_parts_sum_to_the_f32_exactly() {
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let mut values = random_f32(&mut rng, 10_000);
-        values.extend([
-            0.0,
-            -0.0,
-            1.0,
-            f32::MAX,
-            f32::MIN_POSITIVE * 1e6,
-            -3.1e-30,
-            7.0e30,
-        ]);
-        for (i, v) in values.iter_mut().enumerate() {
-            *v *= (i % 7) as f32 * 100.0 + 0.01;
-        }
-        for v in values {
-            let parts = split_bf16(v).map(|p| f32::from_bits((p as u32) << 16));
-            // Each part is the remainder of the larger ones, so adding smallest first is exact.
-            assert_eq!(parts[0] + (parts[1] + parts[2]), v, "{v:e} -> {parts:?}");
         }
     }
 
