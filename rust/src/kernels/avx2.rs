@@ -128,6 +128,7 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
     for g in 0..groups {
         // Per row: the 16 even then 16 odd weights of block g, as 4 vectors of 8.
         let mut wv = [[_mm256_setzero_ps(); 4]; R];
+        let mut scale = [_mm256_setzero_ps(); R];
         for (r, wr) in wv.iter_mut().enumerate() {
             let row = tile.row(r);
             let at = (row * groups + g) * MXFP4_BLOCK_BYTES;
@@ -138,9 +139,16 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
             let bytes = unsafe { _mm_loadu_si128(blocks.as_ptr().add(at) as *const __m128i) };
             let even = _mm_shuffle_epi8(lut, _mm_and_si128(bytes, mask));
             let odd = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
-            let scale = _mm256_set1_ps(0.5 * super::scalar::e8m0_to_f32(scales[row * groups + g]));
-            let widen =
-                |v: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), scale);
+            scale[r] = _mm256_set1_ps(0.5 * super::scalar::e8m0_to_f32(scales[row * groups + g]));
+            let widen = |v: __m128i| {
+                let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                // Scale once for every token; one token scales its block sum instead.
+                if T > 1 {
+                    _mm256_mul_ps(w, scale[r])
+                } else {
+                    w
+                }
+            };
             *wr = [
                 widen(even),
                 widen(_mm_srli_si128(even, 8)),
@@ -148,14 +156,24 @@ unsafe fn tile_mxfp4<const R: usize, const T: usize>(
                 widen(_mm_srli_si128(odd, 8)),
             ];
         }
+        let mut sums = [_mm256_setzero_ps(); R];
         for t in 0..T {
             let base = (t0 + t) * cols + g * 32;
             for (q, offset) in [0, 8, 16, 24].into_iter().enumerate() {
                 // SAFETY: 8 of the 32 activations of block g of token t0 + t.
                 let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(base + offset)) };
                 for r in 0..R {
-                    acc[r][t] = _mm256_fmadd_ps(wv[r][q], xv, acc[r][t]);
+                    if T > 1 {
+                        acc[r][t] = _mm256_fmadd_ps(wv[r][q], xv, acc[r][t]);
+                    } else {
+                        sums[r] = _mm256_fmadd_ps(wv[r][q], xv, sums[r]);
+                    }
                 }
+            }
+        }
+        if T == 1 {
+            for r in 0..R {
+                acc[r][0] = _mm256_fmadd_ps(sums[r], scale[r], acc[r][0]);
             }
         }
     }
