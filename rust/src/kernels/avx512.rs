@@ -40,10 +40,12 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
     tokens: usize,
     out: &mut [f32],
 ) {
+    // Rows below each tile row to prefetch.
+    let ahead = tile.ahead();
     let zero = _mm512_setzero_si512();
     // Each load's low and high halves go to their own accumulators when the tile is small (a
     // decoded token's one-row tile): a single chain of dependent FMAs would wait on their latency.
-    // Larger tiles have enough chains, and the registers for no more.
+    // Tiles of more outputs already have more chains.
     let split = R * T <= 4;
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     let mut acc_high = [[_mm512_setzero_ps(); T]; R];
@@ -52,9 +54,10 @@ unsafe fn tile_bf16<const R: usize, const T: usize>(
         let mut low = [_mm512_setzero_ps(); R];
         let mut high = [_mm512_setzero_ps(); R];
         for r in 0..R {
+            let at = tile.row(r) * cols + c;
+            prefetch(w.as_ptr() as *const u8, (at + ahead * cols) * 2);
             // SAFETY: 32 weights of tile row r from column c < full <= cols.
-            let bits =
-                unsafe { _mm512_loadu_si512(w.as_ptr().add(tile.row(r) * cols + c) as *const _) };
+            let bits = unsafe { _mm512_loadu_si512(w.as_ptr().add(at) as *const _) };
             low[r] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, bits));
             high[r] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, bits));
         }
