@@ -92,14 +92,14 @@ class Model:
         Args:
             path: a Hugging Face layout directory (``config.json`` and ``model.safetensors`` or
                 shards with ``model.safetensors.index.json``), or an ``original/`` layout directory.
-            threads: compute threads (default: one per available CPU).
+            threads: compute threads (default: one per physical core this process may use).
             isa: kernel instruction set (default: the best this CPU has, or the environment
                 variable ``GPT_OSS_CPU_ISA``). ``"scalar"`` is the portable reference.
             precision: ``"exact"`` (default) keeps every activation in fp32, as SPEC §4 computes
                 them. ``"fast"`` rounds the activations entering the weight products, to 8 bits per
                 block of 32 for the MXFP4 experts (integer dot products, as llama.cpp does) and to
                 bf16 for attention and unembedding (the router stays exact): prefill about 1.9x
-                faster on an AVX-512 VNNI CPU, decode about 1.1x, with logits that differ from the
+                faster on an AVX-512 VNNI CPU, decode up to 1.1x, with logits that differ from the
                 exact ones about as much as a bf16 implementation's do. The README gives the
                 measured speed and accuracy.
             dense: ``"bf16"`` (default) reads the attention and unembedding matrices in place from

@@ -551,8 +551,9 @@ pub fn deinterleave_pairs(x: &[f32]) -> Vec<f32> {
 /// hardware prefetcher alone, and a fixed distance ahead within the row fell into rows the tile
 /// was already reading. Measured in one process alternating settings, decode GEMVs streaming
 /// from DRAM (2 threads) against a fixed 4096 (MXFP4, 8-bit) or 2048 (bf16) bytes ahead: MXFP4
-/// exact +44 %, fast +20 %; bf16 exact +7 %, fast +12 %; 8-bit dense +22 %. Two tiles ahead
-/// measured the same as one.
+/// exact +44 %, fast +20 %; bf16 exact +7 % (a three-part `vdpbf16ps` kernel then), fast +12 %;
+/// 8-bit dense +22 %. Two tiles ahead measured the same as one. The AVX-512 f32 bf16 kernel, with
+/// prefetching against none: +17 % alone, +7.4 % in the 20b's exact decoding.
 #[cfg(target_arch = "x86_64")]
 const TILE_ROWS: usize = 4;
 // `tile_sizes!` expands tiles of 1 to 4 rows.
@@ -563,8 +564,9 @@ const _: () = assert!(TILE_ROWS <= 4);
 /// each weight once, so how the reads stream from memory sets its speed.
 ///
 /// Measured per matrix in the 20b's decoding, one process alternating orders (2 threads, 40-65
-/// GB/s), against `Tiles`: AVX-512 bf16 `Rows` +20-31 % (fast) and -1-+15 % (exact), 8-bit dense
-/// `Rows` +15-24 %, MXFP4 `Lanes` +16 % (fast) and +5-8 % (exact). Kernel benchmarks, AVX2:
+/// GB/s), against `Tiles`: AVX-512 bf16 `Rows` +20-31 % (fast) and -1-+15 % (exact, then a
+/// three-part `vdpbf16ps` kernel), 8-bit dense `Rows` +15-24 %, MXFP4 `Lanes` +16 % (fast) and
+/// +5-8 % (exact). Kernel benchmarks, AVX2:
 /// bf16 `Lanes` +13 %, 8-bit dense `Rows` +12 %. MXFP4 at `Rows` lost up to 18 % on AVX-512 (it
 /// spends more instructions per byte, and a 4-row tile loads each activation once for 4 rows)
 /// and at `Lanes` 11 % on AVX2; bf16 and 8-bit dense at `Lanes` up to 20 % on AVX-512; AVX2 bf16
