@@ -566,11 +566,11 @@ const _: () = assert!(TILE_ROWS <= 4);
 /// Measured per matrix in the 20b's decoding, one process alternating orders (2 threads, 40-65
 /// GB/s), against `Tiles`: AVX-512 bf16 `Rows` +20-31 % (fast) and -1-+15 % (exact, then a
 /// three-part `vdpbf16ps` kernel), 8-bit dense `Rows` +15-24 %, MXFP4 `Lanes` +16 % (fast) and
-/// +5-8 % (exact). Kernel benchmarks, AVX2:
-/// bf16 `Lanes` +13 %, 8-bit dense `Rows` +12 %. MXFP4 at `Rows` lost up to 18 % on AVX-512 (it
-/// spends more instructions per byte, and a 4-row tile loads each activation once for 4 rows)
-/// and at `Lanes` 11 % on AVX2; bf16 and 8-bit dense at `Lanes` up to 20 % on AVX-512; AVX2 bf16
-/// (a single FMA chain) at `Rows` half. NEON keeps `Tiles`: not measured on ARM hardware.
+/// +5-8 % (exact). Kernel benchmarks, AVX2: bf16 `Lanes` +13 %, 8-bit dense `Rows` +12 %. MXFP4
+/// at `Rows` lost up to 18 % on AVX-512 (it spends more instructions per byte, and a 4-row tile
+/// loads each activation once for 4 rows) and at `Lanes` 11 % on AVX2; bf16 and 8-bit dense at
+/// `Lanes` up to 20 % on AVX-512; AVX2 bf16 (a single FMA chain) at `Rows` half. NEON keeps
+/// `Tiles`: not measured on ARM hardware.
 #[derive(Clone, Copy)]
 pub(crate) enum DecodeOrder {
     /// Tiles of adjacent rows, as for several tokens: `TILE_ROWS` short streams a row apart.
