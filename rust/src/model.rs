@@ -20,9 +20,6 @@ const PREFILL_CHUNK: usize = 512;
 /// Upper bound on `threads`: a typo should not try to start millions of threads.
 const MAX_THREADS: usize = 4096;
 
-/// SwiGLU gate slope, hard-coded in the reference (SPEC §4.4).
-const SWIGLU_ALPHA: f32 = 1.702;
-
 pub struct Model {
     pub config: Config,
     pub dir: PathBuf,
@@ -436,7 +433,10 @@ impl Model {
             .zip(&mut hidden)
             .map(|(g, h)| expert_job(&g.x, &layer.gate_up, g.expert, h));
         kernels::matmul_batch(self.isa, self.precision, jobs.collect());
-        let activated: Vec<Vec<f32>> = hidden.iter().map(|h| swiglu(h, c.swiglu_limit)).collect();
+        let activated: Vec<Vec<f32>> = hidden
+            .iter()
+            .map(|h| kernels::swiglu(self.isa, h, c.swiglu_limit))
+            .collect();
         let mut outputs: Vec<Vec<f32>> = groups
             .iter()
             .map(|g| vec![0f32; g.assigned.len() * d])
@@ -547,19 +547,6 @@ struct ExpertGroup {
     expert: usize,
     assigned: Vec<(usize, f32)>,
     x: Vec<f32>,
-}
-
-/// Clamped SwiGLU with the "+1" on the linear half (SPEC §4.4). `h` interleaves gate (even) and up
-/// (odd) of each unit.
-fn swiglu(h: &[f32], limit: f32) -> Vec<f32> {
-    h.chunks_exact(2)
-        .map(|pair| {
-            let gate = pair[0].min(limit);
-            let up = pair[1].clamp(-limit, limit);
-            let glu = gate / (1.0 + (-SWIGLU_ALPHA * gate).exp());
-            glu * (up + 1.0)
-        })
-        .collect()
 }
 
 fn add_assign(x: &mut [f32], y: &[f32]) {
@@ -861,14 +848,6 @@ mod tests {
         let sum = 2.0 + e;
         assert!((route.weights[0] - 1.0 / sum).abs() < 1e-7);
         assert!((route.weights[2] - e / sum).abs() < 1e-7);
-    }
-
-    #[test]
-    fn swiglu_clamps_gate_above_only_and_adds_one_to_up() {
-        let z = swiglu(&[10.0, 10.0, -10.0, 0.0], 7.0);
-        let sig = |v: f32| 1.0 / (1.0 + (-1.702 * v).exp());
-        assert!((z[0] - 7.0 * sig(7.0) * 8.0).abs() < 1e-5);
-        assert!((z[1] - (-10.0 * sig(-10.0))).abs() < 1e-6);
     }
 
     /// One array of a numpy `.npz` (a zip of `.npy` files): its shape and little-endian data.

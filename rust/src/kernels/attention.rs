@@ -12,7 +12,7 @@
 //! products are fused multiply-adds (one rounding: an FMA instruction, or libm's `fmaf` in the
 //! scalar build), so they agree bit for bit.
 
-use super::Isa;
+use super::{exp, Isa};
 
 /// Positions per block of transposed keys.
 pub const KEY_BLOCK: usize = 64;
@@ -340,49 +340,9 @@ fn sum(values: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `e^x` for `x <= 0` within 2 ulp, in plain arithmetic so that loops over it vectorise (libm's
-/// `expf` is an opaque call). Cody-Waite reduction `x = n ln2 + f`, |f| <= ln2/2, Cephes' degree-7
-/// polynomial for `e^f`, and `2^n` built in the exponent bits. Below -87 the result is ~1e-38
-/// instead of smaller: negligible next to the softmax's largest term, which is 1.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding 1.5 * 2^23 rounds to an integer in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 0.0);
-    let shifted = x * LOG2E + ROUND;
-    let n = shifted - ROUND;
-    let f = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4;
-    let p = p * f + 1.398_199_9e-3;
-    let p = p * f + 8.333_452e-3;
-    let p = p * f + 4.166_579_6e-2;
-    let p = p * f + 1.666_666_5e-1;
-    let p = p * f + 0.5;
-    let e_f = p * f * f + f + 1.0;
-    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
-    e_f * f32::from_bits(((n_bits + 127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_is_within_two_ulp_of_libm_on_the_softmax_range() {
-        let mut worst = 0;
-        for i in 0..=870_000 {
-            let x = -(i as f32) * 1e-4;
-            let (got, want) = (exp(x), (x as f64).exp() as f32);
-            let ulps = (got.to_bits() as i64 - want.to_bits() as i64).unsigned_abs();
-            worst = worst.max(ulps);
-        }
-        assert!(worst <= 2, "worst error {worst} ulp");
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1000.0) < 1e-37);
-    }
 
     /// Keys and values `[positions, kv_heads, head_dim]` as stored (rounded to `E`), also in the
     /// block layout, `[kv_heads, blocks, ..]`.

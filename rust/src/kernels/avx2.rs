@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::q8::{weight_groups, Q8Group, Q8Span, FP4_DOUBLED_PLUS_12};
+use super::q8::{weight_groups, Q8Activations, Q8Group, Q8Span, FP4_DOUBLED_PLUS_12};
 use super::DecodeOrder::{Lanes, Rows};
 use super::{for_each_tile, prefetch, TileRows, MXFP4_BLOCK_BYTES, TILE_ROWS};
 
@@ -447,4 +447,23 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
             out[tile.row(r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
         }
     }
+}
+
+/// [`super::q8::quantize`] compiled for 8-lane vectors (its codes exactly): a decoded token
+/// quantizes some 20 000 activations a layer, serially, between parallel products.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_activations(x: &[f32]) -> Q8Activations {
+    super::q8::quantize(x)
+}
+
+/// [`super::swiglu_plain`] compiled for 8-lane vectors (its results exactly).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn swiglu(h: &[f32], limit: f32) -> Vec<f32> {
+    super::swiglu_plain(h, limit)
 }

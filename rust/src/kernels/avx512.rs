@@ -7,7 +7,8 @@
 use std::arch::x86_64::*;
 
 use super::q8::{
-    weight_groups, Q8Group, Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12, GROUP_TOKENS,
+    weight_groups, Q8Activations, Q8Group, Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12,
+    GROUP_TOKENS,
 };
 use super::DecodeOrder::{Lanes, Rows};
 use super::{for_each_tile, prefetch, TileRows, MXFP4_BLOCK_BYTES, TILE_ROWS};
@@ -776,4 +777,23 @@ pub unsafe fn quantize_bf16_weights(bits: &[u16], codes: &mut [u8], scales: &mut
             *scale = max / 127.0;
         }
     }
+}
+
+/// [`super::q8::quantize`] compiled for 16-lane vectors (its codes exactly): a decoded token
+/// quantizes some 20 000 activations a layer, serially, between parallel products.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn quantize_activations(x: &[f32]) -> Q8Activations {
+    super::q8::quantize(x)
+}
+
+/// [`super::swiglu_plain`] compiled for 16-lane vectors (its results exactly).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn swiglu(h: &[f32], limit: f32) -> Vec<f32> {
+    super::swiglu_plain(h, limit)
 }
