@@ -90,7 +90,7 @@ def decode_bytes_breakdown(
     Keys: ``attention`` (q/k/v/o weights and biases, sinks), ``router``, ``experts`` (the top-k
     experts' MXFP4 blocks, scales and bf16 biases), ``norms``, ``unembedding``, ``embedding``
     (one row) and ``kv_cache``. With ``dense="q8"`` the attention and unembedding matrices count
-    36 bytes per 32 weights (8-bit codes and an f32 scale) instead of 64; with
+    34 bytes per 32 weights (8-bit codes and a bf16 scale) instead of 64; with
     ``kv_cache="bf16"`` the cached keys and values count 2 bytes each instead of 4.
 
     Example:
@@ -123,7 +123,7 @@ def decode_bytes_breakdown(
     attention_vectors = q_width + 2 * kv_width + hidden + heads  # biases, sinks
 
     def dense_bytes(weights: int) -> int:
-        return weights * _BF16 if dense == "bf16" else weights // 32 * (32 + 4)
+        return weights * _BF16 if dense == "bf16" else weights // 32 * (32 + 2)
 
     router_params = experts * hidden + experts
 

@@ -103,11 +103,12 @@ class Model:
                 exact ones about as much as a bf16 implementation's do. The README gives the
                 measured speed and accuracy.
             dense: ``"bf16"`` (default) reads the attention and unembedding matrices in place from
-                the checkpoint. ``"q8"`` requantizes them at load to 8 bits per value with a scale
-                per 32 (as ggml's published GGUF stores them): 1.4 GB instead of 2.4 GB read per
-                decoded token. The first load writes them to a cache file
-                (``$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/``, 1.4 GB for the 20b, 2-7 s depending on
-                the disk, see ``progress``); later loads map it. The bf16 pages are released.
+                the checkpoint. ``"q8"`` requantizes them at load to 8 bits per value with a bf16
+                scale per 32 (as ggml's published GGUF stores them, with an f16 scale): 1.3 GB
+                instead of 2.4 GB read per decoded token. The first load writes them to a cache
+                file (``$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/``, 1.3 GB for the 20b, 2-7 s
+                depending on the disk, see ``progress``); later loads map it. The bf16 pages are
+                released.
                 Needs ``precision="fast"``.
             kv_cache: the element type of the sessions' cached keys and values: ``"f32"``
                 (default) or ``"bf16"`` (rounded to nearest even): half the memory (the 20b's

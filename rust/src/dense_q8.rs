@@ -1,12 +1,12 @@
 //! The `dense="q8"` weights: the attention and unembedding matrices requantized to 8 bits per value
-//! and an f32 scale per 32 ([`crate::kernels::quantize_bf16_row`]). The first load writes
+//! and a bf16 scale per 32 ([`crate::kernels::quantize_bf16_row`]). The first load writes
 //! them to a cache file, `$XDG_CACHE_HOME/gpt-oss-cpu/dense-q8/<key>.bin` (else `~/.cache/...`),
 //! that later loads map in place, as the checkpoint is; where no cache can be written they are
 //! built in memory at every load.
 //!
 //! File: a 64-byte header (magic, format version, key, matrix count, total length), then per
 //! matrix its codes (`[rows, cols]`, stored `+ 128`, each row in the grouped order of
-//! [`crate::kernels::q8::group_row`]) and its scales (`[rows, cols / 32]` f32), each
+//! [`crate::kernels::q8::group_row`]) and its scales (`[rows, cols / 32]` bf16), each
 //! starting on a 4096-byte boundary. The key hashes the checkpoint's fingerprint and the names,
 //! sizes and modification times of its files, so a changed checkpoint gets a new file.
 
@@ -24,8 +24,8 @@ use crate::kernels::{self, Isa, MXFP4_BLOCK_VALUES as BLOCK};
 use crate::weights::{fnv1a, Bf16Matrix};
 
 const MAGIC: &[u8; 8] = b"GOCPUQ8\0";
-/// 2: codes in the grouped order of [`crate::kernels::q8::group_row`].
-const VERSION: u32 = 2;
+/// 2: codes in the grouped order of [`crate::kernels::q8::group_row`]. 3: bf16 scales, not f32.
+const VERSION: u32 = 3;
 const HEADER_BYTES: usize = 64;
 const ALIGN: usize = 4096;
 /// Rows quantized per write: bounds the staging buffer.
@@ -79,9 +79,9 @@ impl Q8Matrix {
         &self.store[self.codes.clone()]
     }
 
-    /// `[rows, cols / 32]` scales (4-byte aligned: sections start on 4096-byte boundaries of a
-    /// page-aligned mapping).
-    pub fn scales(&self) -> &[f32] {
+    /// `[rows, cols / 32]` bf16 scales (2-byte aligned: sections start on 4096-byte boundaries
+    /// of a page-aligned mapping).
+    pub fn scales(&self) -> &[u16] {
         bytemuck::cast_slice(&self.store[self.scales.clone()])
     }
 }
@@ -99,7 +99,7 @@ impl Layout {
         for m in sources {
             let codes = at..at + m.rows * m.cols;
             let scales_at = codes.end.next_multiple_of(ALIGN);
-            let scales = scales_at..scales_at + m.rows * m.cols / BLOCK * 4;
+            let scales = scales_at..scales_at + m.rows * m.cols / BLOCK * 2;
             at = scales.end.next_multiple_of(ALIGN);
             sections.push((codes, scales));
         }
@@ -272,7 +272,7 @@ fn write_file(
     result
 }
 
-/// Removes cache files of other format versions (1.4 GB each for the 20b): this library can no
+/// Removes cache files of other format versions (1.3 GB each for the 20b): this library can no
 /// longer read them, and their names (keyed by version) would never be reused.
 fn remove_other_versions(dir: &Path) {
     remove_entries(dir, |entry| {
@@ -313,7 +313,7 @@ fn write_sections(
     let (mut at, mut synced) = (0, 0);
     for (m, (codes_at, scales_at)) in sources.iter().zip(&layout.sections) {
         pad(&mut file, &mut at, codes_at.start)?;
-        let mut scales = vec![0f32; m.rows * m.cols / BLOCK];
+        let mut scales = vec![0u16; m.rows * m.cols / BLOCK];
         let mut codes = vec![0u8; CHUNK_ROWS.min(m.rows) * m.cols];
         let per_chunk = CHUNK_ROWS * m.cols / BLOCK;
         let chunks = (0..m.rows)
@@ -374,7 +374,7 @@ fn pad(file: &mut impl Write, at: &mut usize, to: usize) -> std::io::Result<()> 
 }
 
 /// Quantizes rows `first..` of `m` (as many as `codes` holds) in parallel on the current pool.
-fn quantize_rows(m: &Bf16Matrix, first: usize, codes: &mut [u8], scales: &mut [f32], isa: Isa) {
+fn quantize_rows(m: &Bf16Matrix, first: usize, codes: &mut [u8], scales: &mut [u16], isa: Isa) {
     codes
         .par_chunks_mut(m.cols)
         .zip(scales.par_chunks_mut(m.cols / BLOCK))

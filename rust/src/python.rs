@@ -800,8 +800,8 @@ fn matmul_bf16<'py>(
 struct PyQ8Weights {
     /// `[rows, cols]`, stored `+ 128`, in the kernels' grouped order.
     codes: Vec<u8>,
-    /// `[rows, cols / 32]`.
-    scales: Vec<f32>,
+    /// `[rows, cols / 32]`, bf16 bit patterns.
+    scales: Vec<u16>,
     rows: usize,
     cols: usize,
 }
@@ -817,12 +817,12 @@ impl PyQ8Weights {
     /// Bytes of codes and scales: what a product streams.
     #[getter]
     fn nbytes(&self) -> usize {
-        self.codes.len() + 4 * self.scales.len()
+        self.codes.len() + 2 * self.scales.len()
     }
 }
 
 /// bf16 bit patterns `w` (uint16) `[N, K]` in the 8-bit format of `dense="q8"`: a [`PyQ8Weights`]
-/// (codes `+ 128` in the kernels' grouped order, and a float32 scale per 32).
+/// (codes `+ 128` in the kernels' grouped order, and a bf16 scale per 32).
 #[pyfunction]
 fn quantize_q8(py: Python<'_>, w: numpy::PyReadonlyArray2<'_, u16>) -> PyResult<PyQ8Weights> {
     let (rows, cols) = (w.shape()[0], w.shape()[1]);
@@ -837,7 +837,7 @@ fn quantize_q8(py: Python<'_>, w: numpy::PyReadonlyArray2<'_, u16>) -> PyResult<
     }
     let isa = parse_isa(py, None)?;
     let w = w.as_slice()?;
-    let (mut codes, mut scales) = (vec![0u8; rows * cols], vec![0f32; rows * cols / 32]);
+    let (mut codes, mut scales) = (vec![0u8; rows * cols], vec![0u16; rows * cols / 32]);
     py.detach(|| {
         let rows = codes
             .chunks_exact_mut(cols)

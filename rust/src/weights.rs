@@ -19,8 +19,8 @@ use crate::kernels::{Isa, WeightMatrix};
 pub enum DenseFormat {
     /// The checkpoint's own bf16, in place.
     Bf16,
-    /// Requantized at load to 8 bits per value and an f32 scale per 32 (36 bytes per 32 weights
-    /// instead of 64), as ggml's published gpt-oss GGUF stores them.
+    /// Requantized at load to 8 bits per value and a bf16 scale per 32 (34 bytes per 32 weights
+    /// instead of 64), as ggml's published gpt-oss GGUF stores them (with an f16 scale).
     Q8,
 }
 

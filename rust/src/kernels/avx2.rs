@@ -346,7 +346,7 @@ pub unsafe fn matmul_q8_q8(
     groups: &[Q8Group],
     tokens: usize,
     codes: &[u8],
-    scales: &[f32],
+    scales: &[u16],
     cols: usize,
     out: &mut [f32],
 ) {
@@ -375,12 +375,29 @@ unsafe fn load_lanes(at: *const u8, lanes: usize) -> __m256i {
     }
 }
 
+/// `lanes` bf16 scales at `at` (`lanes` one of 8, 4, 2, 1) as f32 in the low lanes of a vector,
+/// the others zero.
+///
+/// # Safety
+/// `lanes` values at `at` must be readable.
+#[inline(always)]
+unsafe fn load_bf16_lanes(at: *const u16, lanes: usize) -> __m256 {
+    // SAFETY: both arms read exactly `2 · lanes` bytes.
+    let bits = unsafe {
+        match lanes {
+            1 => _mm_cvtsi32_si128(at.read_unaligned() as i32),
+            _ => _mm256_castsi256_si128(load_lanes(at as *const u8, lanes / 2)),
+        }
+    };
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+}
+
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_q8_q8<const R: usize, const T: usize>(
     groups: &[Q8Group],
     codes: &[u8],
-    scales: &[f32],
+    scales: &[u16],
     cols: usize,
     tile: TileRows,
     t0: usize,
@@ -428,9 +445,7 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
             for r in 0..R {
                 let at = tile.row(r) * blocks + first + 8 * half;
                 // SAFETY: this half's `lanes` scales of tile row r lie inside `scales`.
-                weight_scale[r] = _mm256_castsi256_ps(unsafe {
-                    load_lanes(scales.as_ptr().add(at) as *const u8, lanes)
-                });
+                weight_scale[r] = unsafe { load_bf16_lanes(scales.as_ptr().add(at), lanes) };
             }
             for t in 0..T {
                 // SAFETY: `scale` has 16 lanes; this half is 8 of them.
@@ -447,6 +462,16 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
             out[tile.row(r) * tokens + t0 + t] = horizontal_sum(acc[r][t]);
         }
     }
+}
+
+/// [`super::q8::quantize_bf16_weights`] compiled for 8-lane vectors (its codes and scales
+/// exactly).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_bf16_weights(bits: &[u16], codes: &mut [u8], scales: &mut [u16]) {
+    super::q8::quantize_bf16_weights(bits, codes, scales)
 }
 
 /// [`super::q8::quantize`] compiled for 8-lane vectors (its codes exactly): a decoded token

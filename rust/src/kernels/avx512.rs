@@ -618,7 +618,7 @@ unsafe fn columns_tile<const R: usize>(
 }
 
 /// 8-bit weight rows (`dense="q8"`: codes stored `+ 128` in the grouped order of
-/// [`super::q8::grouped_offset`], one f32 scale per 32) × 8-bit activations ([`Q8Group`]s). Per
+/// [`super::q8::grouped_offset`], one bf16 scale per 32) × 8-bit activations ([`Q8Group`]s). Per
 /// group of up to 16 blocks and row: 8 loads and 8 `vpdpbusd` into one accumulator whose lane `i`
 /// is block `i`'s exact integer sum (started from the offset correction), then one conversion
 /// and one multiply-add by both scales. Applying the scales per 64-byte load instead streamed
@@ -633,7 +633,7 @@ pub unsafe fn matmul_q8_q8(
     groups: &[Q8Group],
     tokens: usize,
     codes: &[u8],
-    scales: &[f32],
+    scales: &[u16],
     cols: usize,
     out: &mut [f32],
 ) {
@@ -664,12 +664,29 @@ unsafe fn load_lanes(at: *const u8, lanes: usize) -> __m512i {
     }
 }
 
+/// `lanes` bf16 scales at `at` (`lanes` one of 16, 8, 4, 2, 1) as f32 in the low lanes of a
+/// vector, the others zero.
+///
+/// # Safety
+/// `lanes` values at `at` must be readable.
+#[inline(always)]
+unsafe fn load_bf16_lanes(at: *const u16, lanes: usize) -> __m512 {
+    // SAFETY: both arms read exactly `2 · lanes` bytes.
+    let bits = unsafe {
+        match lanes {
+            1 => _mm256_zextsi128_si256(_mm_cvtsi32_si128(at.read_unaligned() as i32)),
+            _ => _mm512_castsi512_si256(load_lanes(at as *const u8, lanes / 2)),
+        }
+    };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+}
+
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn tile_q8_q8<const R: usize, const T: usize>(
     groups: &[Q8Group],
     codes: &[u8],
-    scales: &[f32],
+    scales: &[u16],
     cols: usize,
     tile: TileRows,
     t0: usize,
@@ -711,14 +728,10 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
         let mut weight_scale = [_mm512_setzero_ps(); R];
         for r in 0..R {
             let at = (tile.row(r) + ahead) * blocks + first;
-            prefetch(scales.as_ptr() as *const u8, 4 * at);
+            prefetch(scales.as_ptr() as *const u8, 2 * at);
             // SAFETY: the group's `size` scales of tile row r lie inside `scales`.
-            weight_scale[r] = _mm512_castsi512_ps(unsafe {
-                load_lanes(
-                    scales.as_ptr().add(tile.row(r) * blocks + first) as *const u8,
-                    size,
-                )
-            });
+            weight_scale[r] =
+                unsafe { load_bf16_lanes(scales.as_ptr().add(tile.row(r) * blocks + first), size) };
         }
         for t in 0..T {
             // SAFETY: as above.
@@ -736,47 +749,14 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize>(
     }
 }
 
-/// [`super::q8::quantize_bf16_weights`] 32 weights at a time, with the same rounding (to nearest
-/// even, on `x · 127 / max`, clamped to ±127).
+/// [`super::q8::quantize_bf16_weights`] compiled for 16-lane vectors (its codes and scales
+/// exactly).
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW and VL; `bits` and `codes` have the same length, a multiple
-/// of 32, and `scales` one value per 32.
+/// The CPU must support AVX-512 F, BW and VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn quantize_bf16_weights(bits: &[u16], codes: &mut [u8], scales: &mut [f32]) {
-    let magnitude = _mm512_set1_epi32(0x7FFF_FFFF);
-    let (low, high) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
-    let offset = _mm256_set1_epi8(-128);
-    for ((w, out), scale) in bits
-        .chunks_exact(32)
-        .zip(codes.chunks_exact_mut(32))
-        .zip(scales.iter_mut())
-    {
-        // SAFETY: `w` is 32 bf16 (64 bytes), `out` 32 bytes.
-        unsafe {
-            let widen = |half: *const u16| {
-                let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(half as *const __m256i));
-                _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16))
-            };
-            let (a, b) = (widen(w.as_ptr()), widen(w.as_ptr().add(16)));
-            let abs = |v: __m512| {
-                _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), magnitude))
-            };
-            let max = _mm512_reduce_max_ps(_mm512_max_ps(abs(a), abs(b)));
-            let inverse = _mm512_set1_ps(if max > 0.0 { 127.0 / max } else { 0.0 });
-            // vcvtps2dq rounds to nearest even, as the scalar quantizer.
-            let code = |v: __m512| {
-                let clamped = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inverse), low), high);
-                _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(clamped))
-            };
-            let both = _mm256_set_m128i(code(b), code(a));
-            _mm256_storeu_si256(
-                out.as_mut_ptr() as *mut __m256i,
-                _mm256_xor_si256(both, offset),
-            );
-            *scale = max / 127.0;
-        }
-    }
+pub unsafe fn quantize_bf16_weights(bits: &[u16], codes: &mut [u8], scales: &mut [u16]) {
+    super::q8::quantize_bf16_weights(bits, codes, scales)
 }
 
 /// [`super::q8::quantize`] compiled for 16-lane vectors (its codes exactly): a decoded token

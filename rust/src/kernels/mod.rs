@@ -178,7 +178,7 @@ impl WeightMatrix<'_> {
         match self {
             WeightMatrix::Bf16(_) => cols * 2,
             WeightMatrix::Mxfp4 { .. } => cols / 2 + cols / MXFP4_BLOCK_VALUES,
-            WeightMatrix::Q8 { .. } => cols + cols / MXFP4_BLOCK_VALUES * 4,
+            WeightMatrix::Q8 { .. } => cols + cols / MXFP4_BLOCK_VALUES * 2,
         }
     }
 
@@ -197,8 +197,9 @@ pub enum WeightMatrix<'a> {
     Mxfp4 { blocks: &'a [u8], scales: &'a [u8] },
     /// 8-bit blocks (`dense="q8"`): `codes` stored `+ 128` (`cols` bytes a row, in the grouped
     /// order of [`q8::group_row`]; 1..=255 as the quantizer writes them, which the AVX2 kernel
-    /// needs; the others take 0 too) and f32 `scales` (`cols / 32` a row). The activations are quantized to 8 bits at every precision.
-    Q8 { codes: &'a [u8], scales: &'a [f32] },
+    /// needs; the others take 0 too) and bf16 `scales` (`cols / 32` a row, bit patterns). The
+    /// activations are quantized to 8 bits at every precision.
+    Q8 { codes: &'a [u8], scales: &'a [u16] },
 }
 
 /// One product of a batch: `y[t, r] = Σ_c x[t, c] · W[r, c] + bias[r]`, with `x` `[tokens, cols]`
@@ -585,15 +586,17 @@ fn run_kernel(
     }
 }
 
-/// One bf16 weight row in the 8-bit format of `dense="q8"`: [`q8::quantize_bf16_weights`] with
-/// the kernels of `isa`, the codes then put in the grouped order of [`q8::group_row`].
-pub fn quantize_bf16_row(isa: Isa, bits: &[u16], codes: &mut [u8], scales: &mut [f32]) {
+/// One bf16 weight row in the 8-bit format of `dense="q8"`: [`q8::quantize_bf16_weights`] at the
+/// vector width of `isa`, the codes then put in the grouped order of [`q8::group_row`].
+pub fn quantize_bf16_row(isa: Isa, bits: &[u16], codes: &mut [u8], scales: &mut [u16]) {
     assert!(bits.len() == codes.len() && codes.len() == scales.len() * MXFP4_BLOCK_VALUES);
     let mut natural = vec![0u8; codes.len()];
     match isa {
-        // SAFETY: checked lengths; every `Isa` a model holds was checked with `is_supported`.
+        // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::quantize_bf16_weights(bits, &mut natural, scales) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::quantize_bf16_weights(bits, &mut natural, scales) },
         _ => q8::quantize_bf16_weights(bits, &mut natural, scales),
     }
     q8::group_row(&natural, codes);
@@ -904,7 +907,7 @@ mod tests {
 
     /// The `dense="q8"` product: `codes` `[rows, cols]` (stored `+ 128`, grouped), `x`
     /// `[tokens, cols]`.
-    fn matmul_q8(isa: Isa, x: &[f32], codes: &[u8], scales: &[f32], rows: usize, y: &mut [f32]) {
+    fn matmul_q8(isa: Isa, x: &[f32], codes: &[u8], scales: &[u16], rows: usize, y: &mut [f32]) {
         let weights = WeightMatrix::Q8 { codes, scales };
         let cols = codes.len() / rows;
         let job = Matmul {
@@ -1237,7 +1240,7 @@ mod tests {
                 .iter()
                 .map(|v| half::bf16::from_f32(*v).to_bits())
                 .collect();
-            let (mut codes, mut scales) = (vec![0u8; rows * cols], vec![0f32; rows * cols / 32]);
+            let (mut codes, mut scales) = (vec![0u8; rows * cols], vec![0u16; rows * cols / 32]);
             let rows_of = codes
                 .chunks_exact_mut(cols)
                 .zip(scales.chunks_exact_mut(cols / 32));
@@ -1300,9 +1303,9 @@ mod tests {
         let mut codes = vec![0u8; rows * cols];
         rng.fill_bytes(&mut codes);
         codes[..cols].fill(0);
-        let scales: Vec<f32> = random_f32(&mut rng, rows * cols / 32)
+        let scales: Vec<u16> = random_f32(&mut rng, rows * cols / 32)
             .iter()
-            .map(|s| s.abs() / 128.0)
+            .map(|s| half::bf16::from_f32(s.abs() / 128.0).to_bits())
             .collect();
         let product = |isa: Isa, y: &mut [f32]| matmul_q8(isa, &x, &codes, &scales, rows, y);
         let mut want = vec![0f32; tokens * rows];
@@ -1315,7 +1318,7 @@ mod tests {
                     .map(|b| {
                         let block_x: f32 =
                             x[t * cols + 32 * b..][..32].iter().map(|v| v.abs()).sum();
-                        block_x * 128.0 * scales[r * cols / 32 + b]
+                        block_x * 128.0 * scalar::bf16_to_f32(scales[r * cols / 32 + b])
                     })
                     .sum();
             }
@@ -1339,10 +1342,10 @@ mod tests {
             .collect();
         bits[32..64].fill(0); // an all-zero block
         let (mut want_codes, mut want_scales) =
-            (vec![0u8; bits.len()], vec![0f32; bits.len() / 32]);
+            (vec![0u8; bits.len()], vec![0u16; bits.len() / 32]);
         q8::quantize_bf16_weights(&bits, &mut want_codes, &mut want_scales);
         for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
-            let (mut codes, mut scales) = (vec![0u8; 96], vec![0f32; 3]);
+            let (mut codes, mut scales) = (vec![0u8; 96], vec![0u16; 3]);
             for (r, row) in bits.chunks_exact(96).enumerate() {
                 quantize_bf16_row(isa, row, &mut codes, &mut scales);
                 let mut grouped = vec![0u8; 96];

@@ -360,7 +360,7 @@ pub unsafe fn matmul_q8_q8(
     groups: &[Q8Group],
     tokens: usize,
     codes: &[u8],
-    scales: &[f32],
+    scales: &[u16],
     cols: usize,
     out: &mut [f32],
 ) {
@@ -368,7 +368,7 @@ pub unsafe fn matmul_q8_q8(
         groups: &[Q8Group],
         tokens: usize,
         codes: &[u8],
-        scales: &[f32],
+        scales: &[u16],
         cols: usize,
         out: &mut [f32]
     ))
@@ -379,7 +379,7 @@ unsafe fn q8_q8<const SDOT: bool>(
     groups: &[Q8Group],
     tokens: usize,
     codes: &[u8],
-    scales: &[f32],
+    scales: &[u16],
     cols: usize,
     out: &mut [f32],
 ) {
@@ -410,12 +410,33 @@ unsafe fn load_lanes(at: *const u8, lanes: usize) -> uint8x16_t {
     }
 }
 
+/// `lanes` bf16 scales at `at` (`lanes` one of 4, 2, 1) as f32 in the low lanes, the others zero.
+///
+/// # Safety
+/// `lanes` values at `at` must be readable.
+#[inline(always)]
+unsafe fn load_bf16_lanes(at: *const u16, lanes: usize) -> float32x4_t {
+    // SAFETY: each arm reads exactly `2 · lanes` bytes.
+    let bits = unsafe {
+        match lanes {
+            4 => vld1_u16(at),
+            2 => vreinterpret_u16_u32(vset_lane_u32::<0>(
+                (at as *const u32).read_unaligned(),
+                vdup_n_u32(0),
+            )),
+            _ => vset_lane_u16::<0>(at.read_unaligned(), vdup_n_u16(0)),
+        }
+    };
+    // A bf16 is the high half of its f32.
+    vreinterpretq_f32_u32(vshll_n_u16::<16>(bits))
+}
+
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tile_q8_q8<const R: usize, const T: usize, const SDOT: bool>(
     groups: &[Q8Group],
     codes: &[u8],
-    scales: &[f32],
+    scales: &[u16],
     cols: usize,
     tile: TileRows,
     t0: usize,
@@ -452,9 +473,7 @@ unsafe fn tile_q8_q8<const R: usize, const T: usize, const SDOT: bool>(
             for r in 0..R {
                 let at = tile.row(r) * blocks + first + 4 * quarter;
                 // SAFETY: this quarter's `lanes` scales of tile row r lie inside `scales`.
-                let weight_scale = vreinterpretq_f32_u8(unsafe {
-                    load_lanes(scales.as_ptr().add(at) as *const u8, lanes)
-                });
+                let weight_scale = unsafe { load_bf16_lanes(scales.as_ptr().add(at), lanes) };
                 for t in 0..T {
                     // SAFETY: `scale` has 16 lanes; this quarter is 4 of them.
                     let x_scale = unsafe { vld1q_f32(x(t).scale.as_ptr().add(4 * quarter)) };

@@ -57,19 +57,25 @@ pub fn quantize(x: &[f32]) -> Q8Activations {
 /// One block into `codes`; returns its scale.
 #[inline(always)]
 fn quantize_block(block: &[f32], codes: &mut [i8]) -> f32 {
-    // The largest |v| as the largest bit pattern, which orders non-negative floats: an integer
-    // maximum vectorises where `f32::max` does not. A NaN has the largest pattern of all, so it
-    // reaches the scale (and the product) instead of being skipped.
-    let max_bits = block
-        .iter()
-        .fold(0, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF));
-    let max = f32::from_bits(max_bits);
+    let max = max_magnitude(block);
     let inverse = if max > 0.0 { 127.0 / max } else { 0.0 };
     for (q, &v) in codes.iter_mut().zip(block) {
         // |v · inverse| ≤ 127 up to rounding; the clamp keeps an overshoot in range.
         *q = round_to_code((v * inverse).clamp(-127.0, 127.0));
     }
     max / 127.0
+}
+
+/// The largest |v| of `block`, found as the largest bit pattern, which orders non-negative floats:
+/// an integer maximum vectorises where `f32::max` does not. A NaN has the largest pattern of all,
+/// so it reaches the scale (and the product) instead of being skipped.
+#[inline(always)]
+fn max_magnitude(block: &[f32]) -> f32 {
+    f32::from_bits(
+        block
+            .iter()
+            .fold(0, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF)),
+    )
 }
 
 /// 128 quantized activations (4 blocks) in the order the SIMD kernels read them against one 64-byte
@@ -263,23 +269,35 @@ pub fn to_groups(q: &Q8Activations, cols: usize) -> Vec<Q8Group> {
     out
 }
 
-/// Requantizes bf16 weights `[rows, cols]` to 8 bits per value, one f32 scale per 32-block (the
-/// same rounding as the activations), codes stored `+ 128`.
-pub fn quantize_bf16_weights(bits: &[u16], codes: &mut [u8], scales: &mut [f32]) {
-    let (mut block, mut signed) = ([0f32; BLOCK], [0i8; BLOCK]);
+/// Requantizes bf16 weights `[rows, cols]` to 8 bits per value, codes stored `+ 128`, with one
+/// bf16 scale per 32-block (bit patterns): the block's `max|w| / 127` rounded up to a bf16, so
+/// that no code passes 127 and the step grows by at most 2^-8. Half an f32 scale's bytes: 2.9 %
+/// of what a decoded token reads with `dense="q8"`. Written to vectorise, as [`quantize`].
+#[inline(always)]
+pub fn quantize_bf16_weights(bits: &[u16], codes: &mut [u8], scales: &mut [u16]) {
     for ((w, out), scale) in bits
         .chunks_exact(BLOCK)
         .zip(codes.chunks_exact_mut(BLOCK))
         .zip(scales.iter_mut())
     {
+        let mut block = [0f32; BLOCK];
         for (v, &b) in block.iter_mut().zip(w) {
             *v = f32::from_bits((b as u32) << 16);
         }
-        *scale = quantize_block(&block, &mut signed);
-        for (o, &c) in out.iter_mut().zip(&signed) {
-            *o = (c as u8) ^ 0x80;
+        *scale = bf16_rounded_up(max_magnitude(&block) / 127.0);
+        let step = f32::from_bits((*scale as u32) << 16);
+        let inverse = if step > 0.0 { 1.0 / step } else { 0.0 };
+        for (o, &v) in out.iter_mut().zip(&block) {
+            *o = (round_to_code((v * inverse).clamp(-127.0, 127.0)) as u8) ^ 0x80;
         }
     }
+}
+
+/// The bit pattern of the smallest bf16 at or above `x` (`x ≥ 0`).
+#[inline(always)]
+fn bf16_rounded_up(x: f32) -> u16 {
+    let bits = x.to_bits();
+    ((bits >> 16) + u32::from(bits & 0xFFFF != 0)) as u16
 }
 
 #[cfg(test)]
@@ -331,13 +349,32 @@ mod tests {
             .iter()
             .map(|&v| half::bf16::from_f32(v).to_bits())
             .collect();
-        let (mut codes, mut scales) = (vec![0u8; 96], vec![0f32; 3]);
+        let (mut codes, mut scales) = (vec![0u8; 96], vec![0u16; 3]);
         quantize_bf16_weights(&bits, &mut codes, &mut scales);
-        for (i, &b) in bits.iter().enumerate() {
-            let value = f32::from_bits((b as u32) << 16);
-            let back = (codes[i] as i32 - 128) as f32 * scales[i / 32];
-            assert!((value - back).abs() <= scales[i / 32] * 0.5 * 1.0001, "{i}");
+        for (b, block) in bits.chunks_exact(32).enumerate() {
+            let step = f32::from_bits((scales[b] as u32) << 16);
+            let max = block
+                .iter()
+                .map(|&w| f32::from_bits((w as u32 & 0x7FFF) << 16));
+            let max = max.fold(0f32, f32::max);
+            // The step is max / 127 rounded up to a bf16: at most 2^-8 above it.
+            assert!(
+                step >= max / 127.0 && step <= max / 127.0 * (1.0 + 1.0 / 256.0),
+                "{b}"
+            );
+            for (i, &w) in block.iter().enumerate() {
+                let value = f32::from_bits((w as u32) << 16);
+                let code = codes[32 * b + i] as i32 - 128;
+                assert!((1..=255).contains(&codes[32 * b + i]), "{b} {i}");
+                assert!(
+                    (value - code as f32 * step).abs() <= step * 0.5 * 1.0001,
+                    "{b} {i}"
+                );
+            }
         }
+        assert_eq!(bf16_rounded_up(1.0), 0x3F80);
+        assert_eq!(bf16_rounded_up(f32::from_bits(0x3F80_0001)), 0x3F81);
+        assert_eq!(bf16_rounded_up(0.0), 0);
         // 3 blocks: a group of 2, then 1.
         assert_eq!(weight_groups(3).collect::<Vec<_>>(), [(0, 2), (2, 1)]);
         let q = quantize(&w);

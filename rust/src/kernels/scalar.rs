@@ -117,7 +117,7 @@ fn dot_mxfp4_q8(codes: &[i8], act_scales: &[f32], blocks: &[u8], scales: &[u8]) 
 }
 
 /// 8-bit weights (`codes` `[rows, cols]`, stored `+ 128` in the grouped order of
-/// [`q8::grouped_offset`]; `scales` `[rows, cols / 32]`) × 8-bit activations (natural order): per
+/// [`q8::grouped_offset`]; bf16 `scales` `[rows, cols / 32]`) × 8-bit activations (natural order): per
 /// block an exact integer dot product times both scales.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_q8_q8(
@@ -125,7 +125,7 @@ pub fn matmul_q8_q8(
     x_scales: &[f32],
     tokens: usize,
     codes: &[u8],
-    scales: &[f32],
+    scales: &[u16],
     cols: usize,
     out: &mut [f32],
 ) {
@@ -146,7 +146,7 @@ pub fn matmul_q8_q8(
                             (w as i32 - 128) * q[b * 32 + e] as i32
                         })
                         .sum();
-                    total += dot as f32 * qs[b] * ws[b];
+                    total += dot as f32 * qs[b] * bf16_to_f32(ws[b]);
                 }
             }
             *o = total;
