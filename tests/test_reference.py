@@ -547,18 +547,22 @@ def test_fast_precision_is_at_least_as_accurate_as_the_reference_bf16_path(
     assert max_abs_diff(got, exact) > 1e-3, "the fast path computed the exact logits"
 
 
-@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize(
+    ("precision", "dense"), [("exact", "bf16"), ("fast", "bf16"), ("fast", "q8")]
+)
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "neon"])
 def test_bf16_kv_cache_is_at_least_as_accurate_as_the_reference_bf16_path(
-    model_dir: Path, ref, isa: str, precision: str, model_name: str, report: Report
+    model_dir: Path, ref, isa: str, precision: str, dense: str, model_name: str, report: Report
 ) -> None:
     """kv_cache="bf16" rounds the cached keys and values (as OpenAI's bf16 path keeps them): held
     to that path's error and argmax agreement, like the fast path, and really rounded."""
     if isa not in gpt_oss_cpu.build_info()["supported_isas"]:
         pytest.skip(f"this CPU does not support {isa}")
-    model = gpt_oss_cpu.Model.load(str(model_dir), isa=isa, precision=precision, kv_cache="bf16")
+    model = gpt_oss_cpu.Model.load(
+        str(model_dir), isa=isa, precision=precision, dense=dense, kv_cache="bf16"
+    )
     got = model.forward(ref["input_ids"])
-    label = f"{precision} kv_cache=bf16 isa={isa} logits"
+    label = f"{precision} dense={dense} kv_cache=bf16 isa={isa} logits"
     assert_as_accurate_as_the_bf16_reference(model_dir, got, ref, label, report, model_name)
-    f32 = gpt_oss_cpu.Model.load(str(model_dir), isa=isa, precision=precision)
+    f32 = gpt_oss_cpu.Model.load(str(model_dir), isa=isa, precision=precision, dense=dense)
     assert max_abs_diff(got, f32.forward(ref["input_ids"])) > 1e-3, "nothing was rounded"
