@@ -12,7 +12,7 @@ Shapes (``K = 2880``, the hidden size of gpt-oss-20b):
 
 * ``decode``: ``T = 1``. Batch-1 decoding is a matrix-vector product that streams the weights once,
   so the matrices are several times larger than the last-level cache (bf16: 16384 x 2880 =
-  94 MB; MXFP4: 65536 x 2880 = 100 MB; 8-bit: 32768 x 2880 = 106 MB) to measure streaming from
+  94 MB; MXFP4: 65536 x 2880 = 100 MB; 8-bit: 32768 x 2880 = 100 MB) to measure streaming from
   DRAM, as in the model.
 * ``prefill``: ``T = 64``, ``N = 5760`` (one expert's gate_up projection): compute-bound.
 

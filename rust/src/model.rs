@@ -1,6 +1,7 @@
 //! The gpt-oss forward pass, block by block as SPEC §4 describes it, in fp32 activations with the
 //! checkpoint's own weights. Matrix products go through [`crate::kernels`]; everything else is here.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -411,11 +412,17 @@ impl Model {
                 .filter_map(|(token, r)| r.weight_of(e).map(|w| (token, w)))
                 .collect();
             if !assigned.is_empty() {
-                let x = assigned
-                    .iter()
-                    .flat_map(|&(token, _)| &t[token * d..(token + 1) * d])
-                    .copied()
-                    .collect();
+                // Borrowed when every token is routed here (always, decoding), so the batch
+                // prepares these activations once for all such experts.
+                let x = if assigned.len() == t.len() / d {
+                    Cow::Borrowed(&t[..])
+                } else {
+                    assigned
+                        .iter()
+                        .flat_map(|&(token, _)| &t[token * d..(token + 1) * d])
+                        .copied()
+                        .collect()
+                };
                 groups.push(ExpertGroup {
                     expert: e,
                     assigned,
@@ -543,10 +550,10 @@ fn expert_job<'a>(
 }
 
 /// The tokens routed to one expert: `(token, routing weight)` and their activations `[n, hidden]`.
-struct ExpertGroup {
+struct ExpertGroup<'a> {
     expert: usize,
     assigned: Vec<(usize, f32)>,
-    x: Vec<f32>,
+    x: Cow<'a, [f32]>,
 }
 
 fn add_assign(x: &mut [f32], y: &[f32]) {

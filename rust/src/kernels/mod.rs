@@ -249,6 +249,9 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
     let mut prepared_for = Vec::new();
     for job in jobs {
         assert!(job.cols > 0, "a matrix product needs at least one column");
+        if let Some(bias) = job.bias {
+            assert_eq!(bias.len(), job.rows, "a bias needs one value per row");
+        }
         let tokens = job.x.len() / job.cols;
         debug_assert_eq!(job.y.len(), tokens * job.rows);
         if tokens == 0 {
@@ -435,7 +438,8 @@ fn prepare_activations<'a>(
 /// `e^x` for `x <= 0` within 2 ulp, in plain arithmetic so that loops over it vectorise (libm's
 /// `expf` is an opaque call). Cody-Waite reduction `x = n ln2 + f`, |f| <= ln2/2, Cephes' degree-7
 /// polynomial for `e^f`, and `2^n` built in the exponent bits. Below -87 the result is ~1e-38
-/// instead of smaller: negligible next to the softmax's largest term, which is 1.
+/// instead of smaller: negligible next to the softmax's largest term, which is 1, and to 1 in
+/// SwiGLU's sigmoid `1 / (1 + e^−|z|)`.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -464,6 +468,11 @@ const SWIGLU_ALPHA: f32 = 1.702;
 /// Clamped SwiGLU with the "+1" on the linear half (SPEC §4.4). `h` interleaves gate (even) and up
 /// (odd) of each unit.
 pub fn swiglu(isa: Isa, h: &[f32], limit: f32) -> Vec<f32> {
+    assert!(
+        isa.is_supported(),
+        "this CPU does not support {}",
+        isa.name()
+    );
     match isa {
         // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`.
         #[cfg(target_arch = "x86_64")]
@@ -606,6 +615,11 @@ fn run_kernel(
 /// One bf16 weight row in the 8-bit format of `dense="q8"`: [`q8::quantize_bf16_weights`] at the
 /// vector width of `isa`, the codes then put in the grouped order of [`q8::group_row`].
 pub fn quantize_bf16_row(isa: Isa, bits: &[u16], codes: &mut [u8], scales: &mut [u16]) {
+    assert!(
+        isa.is_supported(),
+        "this CPU does not support {}",
+        isa.name()
+    );
     assert!(bits.len() == codes.len() && codes.len() == scales.len() * MXFP4_BLOCK_VALUES);
     let mut natural = vec![0u8; codes.len()];
     match isa {
@@ -1013,6 +1027,73 @@ mod tests {
             let got = quantize_activations(isa, &x);
             assert_eq!(got.codes, want.codes, "{isa:?}");
             assert_eq!(got.scales, want.scales, "{isa:?}");
+        }
+    }
+
+    /// Each task adds its own rows' biases, for one token and for several, and jobs that share
+    /// `x` in different weight formats (bf16, MXFP4) each get activations in their own format.
+    #[test]
+    fn a_batch_adds_every_rows_bias_and_shares_activations_within_a_format_only() {
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        // Several tasks each: 5 of bf16 rows, 2 of MXFP4 rows.
+        let (rows, cols) = (9000, 64);
+        let w: Vec<u16> = random_f32(&mut rng, rows * cols)
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        let mut blocks = vec![0u8; rows * cols / 2];
+        rng.fill_bytes(&mut blocks);
+        let scales: Vec<u8> = (0..rows * cols / 32)
+            .map(|i| 120 + (i % 10) as u8)
+            .collect();
+        let bias = random_f32(&mut rng, rows);
+        for tokens in [1, 3] {
+            let x = random_f32(&mut rng, tokens * cols);
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+                let (mut bf16_alone, mut mxfp4_alone) =
+                    (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
+                let fast = Precision::Fast;
+                matmul_bf16(isa, fast, &x, &w, rows, cols, None, &mut bf16_alone);
+                matmul_mxfp4(
+                    isa,
+                    fast,
+                    &x,
+                    &blocks,
+                    &scales,
+                    rows,
+                    cols,
+                    None,
+                    &mut mxfp4_alone,
+                );
+                let (mut bf16_y, mut mxfp4_y) =
+                    (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
+                let job = |weights, y| Matmul {
+                    weights,
+                    rows,
+                    cols,
+                    x: &x,
+                    bias: Some(&bias),
+                    y,
+                };
+                let mxfp4 = WeightMatrix::Mxfp4 {
+                    blocks: &blocks,
+                    scales: &scales,
+                };
+                matmul_batch(
+                    isa,
+                    fast,
+                    vec![
+                        job(WeightMatrix::Bf16(&w), &mut bf16_y),
+                        job(mxfp4, &mut mxfp4_y),
+                    ],
+                );
+                for (got, alone) in [(&bf16_y, &bf16_alone), (&mxfp4_y, &mxfp4_alone)] {
+                    for (i, (g, a)) in got.iter().zip(alone.iter()).enumerate() {
+                        let want = a + bias[i % rows];
+                        assert_eq!(*g, want, "{isa:?} tokens {tokens} [{i}]");
+                    }
+                }
+            }
         }
     }
 
