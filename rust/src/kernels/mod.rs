@@ -474,7 +474,7 @@ pub fn swiglu(isa: Isa, h: &[f32], limit: f32) -> Vec<f32> {
         isa.name()
     );
     match isa {
-        // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`.
+        // SAFETY: the assert above checked this CPU supports `isa`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::swiglu(h, limit) },
         #[cfg(target_arch = "x86_64")]
@@ -623,7 +623,7 @@ pub fn quantize_bf16_row(isa: Isa, bits: &[u16], codes: &mut [u8], scales: &mut 
     assert!(bits.len() == codes.len() && codes.len() == scales.len() * MXFP4_BLOCK_VALUES);
     let mut natural = vec![0u8; codes.len()];
     match isa {
-        // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`.
+        // SAFETY: the assert above checked this CPU supports `isa`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::quantize_bf16_weights(bits, &mut natural, scales) },
         #[cfg(target_arch = "x86_64")]
