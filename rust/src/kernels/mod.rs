@@ -56,6 +56,16 @@ impl Isa {
         crate::error::by_name(&Isa::ALL, Isa::name, name)
     }
 
+    /// Panics unless this CPU can run the kernels of `self`: running them anyway would be
+    /// undefined behaviour.
+    fn assert_supported(self) {
+        assert!(
+            self.is_supported(),
+            "this CPU does not support {}",
+            self.name()
+        );
+    }
+
     /// Whether this CPU can run the kernels of `self`.
     pub fn is_supported(self) -> bool {
         match self {
@@ -228,11 +238,7 @@ pub struct Matmul<'a> {
 /// If this CPU does not support `isa` (running its kernels would be undefined behaviour), or a
 /// job has no columns.
 pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
-    assert!(
-        isa.is_supported(),
-        "this CPU does not support {}",
-        isa.name()
-    );
+    isa.assert_supported();
     struct Spec<'a> {
         weights: WeightMatrix<'a>,
         cols: usize,
@@ -468,13 +474,9 @@ const SWIGLU_ALPHA: f32 = 1.702;
 /// Clamped SwiGLU with the "+1" on the linear half (SPEC §4.4). `h` interleaves gate (even) and up
 /// (odd) of each unit.
 pub fn swiglu(isa: Isa, h: &[f32], limit: f32) -> Vec<f32> {
-    assert!(
-        isa.is_supported(),
-        "this CPU does not support {}",
-        isa.name()
-    );
+    isa.assert_supported();
     match isa {
-        // SAFETY: the assert above checked this CPU supports `isa`.
+        // SAFETY: `assert_supported` above checked this CPU supports `isa`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::swiglu(h, limit) },
         #[cfg(target_arch = "x86_64")]
@@ -507,7 +509,8 @@ pub(crate) fn swiglu_plain(h: &[f32], limit: f32) -> Vec<f32> {
 /// [`q8::quantize`] at the vector width of `isa`.
 fn quantize_activations(isa: Isa, x: &[f32]) -> q8::Q8Activations {
     match isa {
-        // SAFETY: every `Isa` a model holds was checked with `Isa::is_supported`.
+        // SAFETY: its only caller, `matmul_batch` (through `prepare_activations`), asserted
+        // that this CPU supports `isa`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::quantize_activations(x) },
         #[cfg(target_arch = "x86_64")]
@@ -615,15 +618,11 @@ fn run_kernel(
 /// One bf16 weight row in the 8-bit format of `dense="q8"`: [`q8::quantize_bf16_weights`] at the
 /// vector width of `isa`, the codes then put in the grouped order of [`q8::group_row`].
 pub fn quantize_bf16_row(isa: Isa, bits: &[u16], codes: &mut [u8], scales: &mut [u16]) {
-    assert!(
-        isa.is_supported(),
-        "this CPU does not support {}",
-        isa.name()
-    );
+    isa.assert_supported();
     assert!(bits.len() == codes.len() && codes.len() == scales.len() * MXFP4_BLOCK_VALUES);
     let mut natural = vec![0u8; codes.len()];
     match isa {
-        // SAFETY: the assert above checked this CPU supports `isa`.
+        // SAFETY: `assert_supported` above checked this CPU supports `isa`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { avx512::quantize_bf16_weights(bits, &mut natural, scales) },
         #[cfg(target_arch = "x86_64")]
