@@ -602,7 +602,11 @@ struct Heads {
 /// Scaled dot-product attention with GQA (query heads `g·(H/G)..(g+1)·(H/G)` read KV head g), a
 /// per-head sink logit, causal masking, and an optional sliding window of `window` keys including
 /// the current one (SPEC §4.3.4), for the chunk of positions `first..` already in `cache`. One task
-/// per (token, KV head).
+/// per (token, KV head), ordered by KV head: the threads split the tasks into runs, and a run's
+/// tokens then read the same keys and values from the CPU caches, where token-major runs streamed
+/// every KV head from memory for each token. Measured on the 20b's prefill (512 tokens, fast q8,
+/// one process alternating builds) at depth 16384: +19.7 % with the f32 cache, +4.8 % with bf16;
+/// +1.8 % at depth 4096, no change at depth 0.
 #[allow(clippy::too_many_arguments)]
 fn attend<E: KvElement>(
     isa: Isa,
@@ -617,8 +621,10 @@ fn attend<E: KvElement>(
     let scale = 1.0 / (heads.dim as f32).sqrt();
     let group = heads.q / heads.kv;
     let group_width = group * heads.dim;
-    out.par_chunks_mut(group_width)
-        .enumerate()
+    let mut tasks: Vec<(usize, &mut [f32])> = out.chunks_mut(group_width).enumerate().collect();
+    tasks.sort_by_key(|&(task, _)| (task % heads.kv, task / heads.kv));
+    tasks
+        .into_par_iter()
         .for_each_init(Vec::new, |scores, (task, o)| {
             let (i, g) = (task / heads.kv, task % heads.kv);
             let position = first + i;
