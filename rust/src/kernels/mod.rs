@@ -290,41 +290,41 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
             x,
             bias: job.bias,
         });
-        // One token: `[rows, 1]` is already y's layout. Otherwise the kernels compute `[rows,
-        // tokens]`, so that each task owns a contiguous block, and the task then writes it into
-        // y's token-major rows.
-        let by_row = (tokens > 1).then(|| vec![0f32; tokens * job.rows]);
-        outputs.push((job.y, by_row, job.rows, tokens));
+        outputs.push((job.y, job.rows, tokens));
     }
 
     let task_bytes = if specs.iter().all(|s| s.tokens == 1) {
         let bytes: usize = specs
             .iter()
             .zip(&outputs)
-            .map(|(s, (_, _, rows, _))| s.weights.row_bytes(s.cols) * rows)
+            .map(|(s, (_, rows, _))| s.weights.row_bytes(s.cols) * rows)
             .sum();
         let threads = rayon::current_num_threads();
         (bytes / (4 * threads)).clamp(*TASK_BYTES.start(), *TASK_BYTES.end())
     } else {
         *TASK_BYTES.start()
     };
+    // One token: `[rows, 1]` is y's layout, and each task owns a slice of it. Several: the
+    // kernels compute `[rows, tokens]` blocks, which each task writes into y's token-major rows.
+    enum TaskOut<'a> {
+        Slice(&'a mut [f32]),
+        Rows(usize),
+    }
     let mut tasks = Vec::new();
     // Per job of several tokens, its `y`, which tasks fill row by row.
     let mut token_major = Vec::with_capacity(outputs.len());
-    for (j, (y, by_row, rows, tokens)) in outputs.iter_mut().enumerate() {
+    for (j, (y, rows, tokens)) in outputs.into_iter().enumerate() {
         let task_rows = specs[j].weights.rows_per_task(specs[j].cols, task_bytes);
-        let buffer: &mut [f32] = match by_row {
-            Some(by_row) => {
-                token_major.push(Some(TokenMajor::new(y, *rows, *tokens)));
-                by_row
+        if tokens == 1 {
+            token_major.push(None);
+            for (i, out) in y.chunks_mut(task_rows).enumerate() {
+                tasks.push((j, i * task_rows, TaskOut::Slice(out)));
             }
-            None => {
-                token_major.push(None);
-                y
+        } else {
+            token_major.push(Some(TokenMajor::new(y, rows, tokens)));
+            for first in (0..rows).step_by(task_rows) {
+                tasks.push((j, first, TaskOut::Rows(task_rows.min(rows - first))));
             }
-        };
-        for (i, out) in buffer.chunks_mut(task_rows * *tokens).enumerate() {
-            tasks.push((j, i * task_rows, out));
         }
     }
     // Split down to single tasks, so the thread that finishes first steals a task, not waits for
@@ -334,6 +334,17 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
         .with_max_len(1)
         .for_each(|(j, first, out)| {
             let s = &specs[j];
+            // Each task's own block, which stays in its core's cache, rather than slices of one
+            // `[rows, tokens]` buffer per job (megabytes, zeroed and page-faulted anew on each
+            // call): pp512 +4.7 % exact, +1.3-5.9 % fast, +0.7 % fast q8 (alternating builds).
+            let mut block = Vec::new();
+            let out = match out {
+                TaskOut::Slice(out) => out,
+                TaskOut::Rows(n) => {
+                    block.resize(n * s.tokens, 0f32);
+                    &mut block[..]
+                }
+            };
             if let Some(bias) = s.bias {
                 prefetch_values(&bias[first..first + out.len() / s.tokens]);
             }
