@@ -305,25 +305,22 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
         *TASK_BYTES.start()
     };
     // One token: `[rows, 1]` is y's layout, and each task owns a slice of it. Several: the
-    // kernels compute `[rows, tokens]` blocks, which each task writes into y's token-major rows.
+    // kernels compute a `[rows, tokens]` block, which the task writes into y's token-major rows.
     enum TaskOut<'a> {
         Slice(&'a mut [f32]),
-        Rows(usize),
+        Rows(usize, TokenMajor),
     }
     let mut tasks = Vec::new();
-    // Per job of several tokens, its `y`, which tasks fill row by row.
-    let mut token_major = Vec::with_capacity(outputs.len());
     for (j, (y, rows, tokens)) in outputs.into_iter().enumerate() {
         let task_rows = specs[j].weights.rows_per_task(specs[j].cols, task_bytes);
         if tokens == 1 {
-            token_major.push(None);
             for (i, out) in y.chunks_mut(task_rows).enumerate() {
                 tasks.push((j, i * task_rows, TaskOut::Slice(out)));
             }
         } else {
-            token_major.push(Some(TokenMajor::new(y, rows, tokens)));
+            let y = TokenMajor::new(y, rows, tokens);
             for first in (0..rows).step_by(task_rows) {
-                tasks.push((j, first, TaskOut::Rows(task_rows.min(rows - first))));
+                tasks.push((j, first, TaskOut::Rows(task_rows.min(rows - first), y)));
             }
         }
     }
@@ -338,11 +335,11 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
             // `[rows, tokens]` buffer per job (megabytes, zeroed and page-faulted anew on each
             // call): pp512 +4.7 % exact, +1.3-5.9 % fast, +0.7 % fast q8 (alternating builds).
             let mut block = Vec::new();
-            let out = match out {
-                TaskOut::Slice(out) => out,
-                TaskOut::Rows(n) => {
+            let (out, token_major) = match out {
+                TaskOut::Slice(out) => (out, None),
+                TaskOut::Rows(n, y) => {
                     block.resize(n * s.tokens, 0f32);
-                    &mut block[..]
+                    (&mut block[..], Some(y))
                 }
             };
             if let Some(bias) = s.bias {
@@ -372,7 +369,7 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
                 }
                 None => {}
             }
-            if let Some(y) = &token_major[j] {
+            if let Some(y) = token_major {
                 // SAFETY: this task alone computes rows `first..` of job j.
                 unsafe { y.write_rows(first, out) };
             }
@@ -383,6 +380,7 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
 /// each write their own rows of every token into it. Their `[rows, tokens]` blocks are still in
 /// cache there: a transpose after the parallel region, serial and row by row, took 8 % of a
 /// 512-token prefill, and 6 % in parallel blocks of 16 tokens.
+#[derive(Clone, Copy)]
 struct TokenMajor {
     y: *mut f32,
     rows: usize,
