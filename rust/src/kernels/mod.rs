@@ -943,6 +943,14 @@ mod tests {
             .collect()
     }
 
+    /// [`random_f32`] rounded to bf16 bits.
+    fn random_bf16(rng: &mut ChaCha8Rng, n: usize) -> Vec<u16> {
+        random_f32(rng, n)
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect()
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn matmul_bf16(
         isa: Isa,
@@ -1095,10 +1103,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(13);
         // Several tasks each: 5 of bf16 rows, 2 of MXFP4 rows.
         let (rows, cols) = (9000, 64);
-        let w: Vec<u16> = random_f32(&mut rng, rows * cols)
-            .iter()
-            .map(|v| half::bf16::from_f32(*v).to_bits())
-            .collect();
+        let w: Vec<u16> = random_bf16(&mut rng, rows * cols);
         let mut blocks = vec![0u8; rows * cols / 2];
         rng.fill_bytes(&mut blocks);
         let scales: Vec<u8> = (0..rows * cols / 32)
@@ -1170,10 +1175,7 @@ mod tests {
             (23, 100, 1),
         ] {
             let x = random_f32(&mut rng, tokens * cols);
-            let w: Vec<u16> = random_f32(&mut rng, rows * cols)
-                .iter()
-                .map(|v| half::bf16::from_f32(*v).to_bits())
-                .collect();
+            let w: Vec<u16> = random_bf16(&mut rng, rows * cols);
             let bias = random_f32(&mut rng, rows);
             let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
             let abs_w: Vec<u16> = w.iter().map(|b| b & 0x7FFF).collect();
@@ -1210,10 +1212,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         let (rows, cols, tokens) = (9000, 40, 37);
         let x = random_f32(&mut rng, tokens * cols);
-        let w: Vec<u16> = random_f32(&mut rng, rows * cols)
-            .iter()
-            .map(|v| half::bf16::from_f32(*v).to_bits())
-            .collect();
+        let w: Vec<u16> = random_bf16(&mut rng, rows * cols);
         for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
             let mut y = vec![0f32; tokens * rows];
             matmul_bf16(isa, Precision::Exact, &x, &w, rows, cols, None, &mut y);
@@ -1239,10 +1238,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         let (rows, cols, tokens) = (9, 2880, 3);
         let x = random_f32(&mut rng, tokens * cols);
-        let w: Vec<u16> = random_f32(&mut rng, rows * cols)
-            .iter()
-            .map(|v| half::bf16::from_f32(*v).to_bits())
-            .collect();
+        let w: Vec<u16> = random_bf16(&mut rng, rows * cols);
         let rounded: Vec<f32> = x
             .iter()
             .map(|&v| half::bf16::from_f32(v).to_f32())
@@ -1423,10 +1419,7 @@ mod tests {
             (7, 32 * 31, 3),
         ] {
             let x = random_f32(&mut rng, tokens * cols);
-            let bits: Vec<u16> = random_f32(&mut rng, rows * cols)
-                .iter()
-                .map(|v| half::bf16::from_f32(*v).to_bits())
-                .collect();
+            let bits: Vec<u16> = random_bf16(&mut rng, rows * cols);
             let (mut codes, mut scales) = (vec![0u8; rows * cols], vec![0u16; rows * cols / 32]);
             let rows_of = codes
                 .chunks_exact_mut(cols)
