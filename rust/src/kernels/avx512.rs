@@ -119,18 +119,10 @@ pub unsafe fn matmul_mxfp4(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn span_scales(bytes: [u8; 4]) -> __m512 {
     let spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    let s = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(
+    e8m0_lanes(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(
         _mm_cvtsi32_si128(i32::from_le_bytes(bytes)),
         spread,
-    ));
-    // 2^(s-127) is the exponent field s; s = 0 (2^-127, subnormal) is kept exact by a blend.
-    let zero = _mm512_cmpeq_epi32_mask(s, _mm512_setzero_si512());
-    let bits = _mm512_mask_blend_epi32(
-        zero,
-        _mm512_slli_epi32(s, 23),
-        _mm512_set1_epi32(0x0040_0000),
-    );
-    _mm512_castsi512_ps(bits)
+    )))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -776,4 +768,366 @@ pub unsafe fn quantize_activations(x: &[f32]) -> Q8Activations {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn swiglu(h: &[f32], limit: f32) -> Vec<f32> {
     super::swiglu_plain(h, limit)
+}
+
+/// Rows of a decoded panel: two vectors, which each broadcast activation multiplies.
+pub(super) const PANEL_ROWS: usize = 32;
+/// Columns decoded at a time: a panel (16 KiB) and a tile's activations (6 KiB) stay in L1.
+const PANEL_COLS: usize = 128;
+/// Tokens of a broadcast tile: 2 × 12 accumulators, 2 panel vectors and a broadcast value.
+const TILE_TOKENS: usize = 12;
+
+/// The weights of [`matmul_broadcast`], in a checkpoint format it decodes.
+#[derive(Clone, Copy)]
+pub enum PanelSource<'a> {
+    /// bf16 rows.
+    Bf16(&'a [u16]),
+    /// MXFP4 rows (`cols / 2` bytes of blocks, `cols / 32` E8M0 scales).
+    Mxfp4 { blocks: &'a [u8], scales: &'a [u8] },
+}
+
+/// `out[t * rows + r] = Σ_c x[t, c] · w[r, c]`, token-major, for several tokens (exact prefill).
+/// The rows are decoded to f32 once, [`PANEL_COLS`] columns at a time, into panels of
+/// [`PANEL_ROWS`] rows stored column by column; each activation is then broadcast against a
+/// panel column, updating 32 rows of a token per two FMAs. The sums need no horizontal
+/// reduction, and each weight is decoded once per call instead of once per tile of tokens.
+/// Each output is summed in column order, its partial sums stored in `out` between column
+/// blocks.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VL; `x` is `[tokens, cols]`, `weights` holds
+/// `out.len() / tokens` rows of `cols` columns (for MXFP4 a multiple of 32), `out` is
+/// `[tokens, rows]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn matmul_broadcast(
+    x: &[f32],
+    tokens: usize,
+    weights: PanelSource,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let rows = out.len() / tokens;
+    assert!(x.len() == tokens * cols && out.len() == tokens * rows);
+    let panels = rows.div_ceil(PANEL_ROWS);
+    let mut decoded = vec![0f32; panels * PANEL_ROWS * PANEL_COLS];
+    for k0 in (0..cols).step_by(PANEL_COLS) {
+        let width = PANEL_COLS.min(cols - k0);
+        for (p, panel) in decoded
+            .chunks_exact_mut(PANEL_ROWS * PANEL_COLS)
+            .enumerate()
+        {
+            let first = p * PANEL_ROWS;
+            let count = PANEL_ROWS.min(rows - first);
+            match weights {
+                PanelSource::Bf16(w) => decode_bf16_panel(
+                    &w[first * cols..(first + count) * cols],
+                    cols,
+                    k0,
+                    width,
+                    panel,
+                ),
+                PanelSource::Mxfp4 { blocks, scales } => {
+                    let (row_bytes, row_scales) = (cols / 2, cols / 32);
+                    decode_mxfp4_panel(
+                        &blocks[first * row_bytes..(first + count) * row_bytes],
+                        &scales[first * row_scales..(first + count) * row_scales],
+                        cols,
+                        k0,
+                        width,
+                        panel,
+                    )
+                }
+            }
+        }
+        for t0 in (0..tokens).step_by(TILE_TOKENS) {
+            let count = TILE_TOKENS.min(tokens - t0);
+            for (p, panel) in decoded.chunks_exact(PANEL_ROWS * PANEL_COLS).enumerate() {
+                let tile = BroadcastTile {
+                    x: &x[t0 * cols + k0..],
+                    cols,
+                    panel: &panel[..width * PANEL_ROWS],
+                    out: &mut out[t0 * rows + p * PANEL_ROWS..],
+                    rows: (rows - p * PANEL_ROWS).min(PANEL_ROWS),
+                    out_stride: rows,
+                    accumulate: k0 > 0,
+                };
+                broadcast_tokens!(count, T, broadcast_tile::<T>(tile));
+            }
+        }
+    }
+}
+
+/// Turns a run-time token count (1 to [`TILE_TOKENS`]) into the const `T` for `$body`.
+macro_rules! broadcast_tokens {
+    ($count:expr, $T:ident, $body:expr) => {
+        broadcast_tokens!(@arms $count, $T, $body, [1 2 3 4 5 6 7 8 9 10 11 12])
+    };
+    (@arms $count:expr, $T:ident, $body:expr, [$($t:literal)*]) => {
+        match $count {
+            $( $t => {
+                const $T: usize = $t;
+                // SAFETY: as the caller's.
+                unsafe { $body }
+            } )*
+            _ => unreachable!("broadcast tiles are 1 to {TILE_TOKENS} tokens"),
+        }
+    };
+}
+use broadcast_tokens;
+
+/// One tile of [`matmul_broadcast`]: `T` tokens × up to [`PANEL_ROWS`] rows over one block of
+/// columns.
+struct BroadcastTile<'a> {
+    /// The tile's first token from the block's first column; token t starts `t · cols` later.
+    x: &'a [f32],
+    cols: usize,
+    /// `[width, PANEL_ROWS]`.
+    panel: &'a [f32],
+    /// The tile's first token from its first row; token t starts `t · out_stride` later.
+    out: &'a mut [f32],
+    /// Rows of the panel that exist (the rest of it is zeros).
+    rows: usize,
+    out_stride: usize,
+    /// Add to the sums in `out` (of the previous column blocks) rather than start from zero.
+    accumulate: bool,
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn broadcast_tile<const T: usize>(tile: BroadcastTile) {
+    let width = tile.panel.len() / PANEL_ROWS;
+    assert!(tile.x.len() > (T - 1) * tile.cols + width - 1);
+    assert!(tile.out.len() >= (T - 1) * tile.out_stride + tile.rows);
+    let low = lane_mask(tile.rows);
+    let high = lane_mask(tile.rows.saturating_sub(16));
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    if tile.accumulate {
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let at = tile.out.as_ptr().wrapping_add(t * tile.out_stride);
+            // SAFETY: the masks select the tile's rows of token t, inside `out` (asserted).
+            unsafe {
+                acc[0] = _mm512_maskz_loadu_ps(low, at);
+                acc[1] = _mm512_maskz_loadu_ps(high, at.wrapping_add(16));
+            }
+        }
+    }
+    let x = tile.x.as_ptr();
+    let panel = tile.panel.as_ptr();
+    for k in 0..width {
+        // SAFETY: column k of the panel is 32 values inside it.
+        let (w0, w1) = unsafe {
+            (
+                _mm512_loadu_ps(panel.add(k * PANEL_ROWS)),
+                _mm512_loadu_ps(panel.add(k * PANEL_ROWS + 16)),
+            )
+        };
+        for (t, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: column k of token t lies inside `x` (asserted).
+            let xv = _mm512_set1_ps(unsafe { *x.add(t * tile.cols + k) });
+            acc[0] = _mm512_fmadd_ps(w0, xv, acc[0]);
+            acc[1] = _mm512_fmadd_ps(w1, xv, acc[1]);
+        }
+    }
+    for (t, acc) in acc.iter().enumerate() {
+        let at = tile.out.as_mut_ptr().wrapping_add(t * tile.out_stride);
+        // SAFETY: as for the loads.
+        unsafe {
+            _mm512_mask_storeu_ps(at, low, acc[0]);
+            _mm512_mask_storeu_ps(at.wrapping_add(16), high, acc[1]);
+        }
+    }
+}
+
+/// The low `lanes` (at most 16) lanes of a vector.
+fn lane_mask(lanes: usize) -> __mmask16 {
+    if lanes >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << lanes) - 1
+    }
+}
+
+/// Lane `j` of vector `i` becomes lane `i` of vector `j` (32-bit lanes).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn transpose_16x16(v: [__m512i; 16]) -> [__m512i; 16] {
+    let v = v.map(|v| _mm512_castsi512_ps(v));
+    // Pairs of rows interleaved: per 128-bit lane L, (2i, 4L), (2i + 1, 4L), (2i, 4L + 1), ...
+    let mut pairs = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        pairs[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        pairs[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    // quads[4g + m], lane L: rows 4g..4g + 4 of column 4L + m.
+    let mut quads = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let (a, b) = (4 * g, 4 * g + 2);
+        for h in 0..2 {
+            let (lo, hi) = (
+                _mm512_castps_pd(pairs[a + h]),
+                _mm512_castps_pd(pairs[b + h]),
+            );
+            quads[a + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+            quads[a + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+        }
+    }
+    // Column 4L + m gathers lane L of quads[4g + m] for g = 0..4: a 4 × 4 transpose of 128-bit
+    // lanes, in two rounds of shuffles.
+    let mut out = [_mm512_setzero_ps(); 16];
+    for m in 0..4 {
+        let q = |g: usize| quads[4 * g + m];
+        let even01 = _mm512_shuffle_f32x4::<0x88>(q(0), q(1));
+        let odd01 = _mm512_shuffle_f32x4::<0xDD>(q(0), q(1));
+        let even23 = _mm512_shuffle_f32x4::<0x88>(q(2), q(3));
+        let odd23 = _mm512_shuffle_f32x4::<0xDD>(q(2), q(3));
+        out[m] = _mm512_shuffle_f32x4::<0x88>(even01, even23);
+        out[8 + m] = _mm512_shuffle_f32x4::<0xDD>(even01, even23);
+        out[4 + m] = _mm512_shuffle_f32x4::<0x88>(odd01, odd23);
+        out[12 + m] = _mm512_shuffle_f32x4::<0xDD>(odd01, odd23);
+    }
+    out.map(|v| _mm512_castps_si512(v))
+}
+
+/// The 32-bit lanes `[lane, lane + lanes)` of up to 16 rows `stride` bytes apart from `at`, one
+/// vector per row (zeros for rows past `rows`), transposed: vector `i` holds lane `lane + i` of
+/// every row.
+///
+/// # Safety
+/// `4 · lanes` bytes (at most 64) from `at + r · stride + 4 · lane` must be readable for each
+/// `r < rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn load_transposed(
+    at: *const u8,
+    stride: usize,
+    rows: usize,
+    lanes: usize,
+) -> [__m512i; 16] {
+    let mask = lane_mask(lanes);
+    let mut v = [_mm512_setzero_si512(); 16];
+    for (r, v) in v.iter_mut().enumerate().take(rows) {
+        // SAFETY: the caller guarantees these bytes are readable.
+        *v = unsafe { _mm512_maskz_loadu_epi32(mask, at.add(r * stride) as *const _) };
+    }
+    transpose_16x16(v)
+}
+
+/// Stores a vector of 16 rows of panel column `column`, rows `16 · half..`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+fn store_column(panel: &mut [f32], column: usize, half: usize, values: __m512) {
+    let at = column * PANEL_ROWS + half * 16;
+    let dst = &mut panel[at..at + 16];
+    // SAFETY: `dst` is 16 floats.
+    unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), values) };
+}
+
+/// Columns `k0..k0 + width` of up to [`PANEL_ROWS`] bf16 rows (`w`, `[rows, cols]`) into
+/// `panel` (`[width, PANEL_ROWS]`), zeros below the last row. Per 16 rows and 32 columns, one
+/// transpose of 32-bit pairs of values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn decode_bf16_panel(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mut [f32]) {
+    let rows = w.len() / cols;
+    let full = width / 32 * 32;
+    let high_half = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    for half in 0..2 {
+        let first = half * 16;
+        let count = rows.saturating_sub(first).min(16);
+        for c in (0..full).step_by(32) {
+            let at = first * cols + k0 + c;
+            for r in 0..count {
+                // The same columns of the next block, read after this block's products.
+                prefetch(w.as_ptr() as *const u8, 2 * (at + r * cols + PANEL_COLS));
+            }
+            // SAFETY: 32 values of each of the `count` rows from column k0 + c < cols.
+            let pairs =
+                unsafe { load_transposed(w.as_ptr().add(at) as *const u8, 2 * cols, count, 16) };
+            for (i, pair) in pairs.into_iter().enumerate() {
+                let even = _mm512_slli_epi32::<16>(pair);
+                let odd = _mm512_and_si512(pair, high_half);
+                store_column(panel, c + 2 * i, half, _mm512_castsi512_ps(even));
+                store_column(panel, c + 2 * i + 1, half, _mm512_castsi512_ps(odd));
+            }
+        }
+    }
+    for c in full..width {
+        for r in 0..PANEL_ROWS {
+            panel[c * PANEL_ROWS + r] = if r < rows {
+                bf16_to_f32(w[r * cols + k0 + c])
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// As [`decode_bf16_panel`] for MXFP4 rows (`blocks` `[rows, cols / 2]`, `scales`
+/// `[rows, cols / 32]`; `k0` and `width` multiples of 32). Per 16 rows, one transpose of the
+/// 32-bit lanes of their codes: nibble n of lane i is column 8i + n (SPEC §3.3), so each shift
+/// and `vpermps` decodes one column of 16 rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn decode_mxfp4_panel(
+    blocks: &[u8],
+    scales: &[u8],
+    cols: usize,
+    k0: usize,
+    width: usize,
+    panel: &mut [f32],
+) {
+    let groups = cols / 32;
+    let rows = scales.len() / groups;
+    let (g0, block_count) = (k0 / 32, width / 32);
+    // SAFETY: FP4_VALUES has 16 f32.
+    let lut = unsafe { _mm512_loadu_ps(FP4_VALUES.as_ptr()) };
+    for half in 0..2 {
+        let first = half * 16;
+        let count = rows.saturating_sub(first).min(16);
+        // Each row's scale bytes of these blocks, packed in one 32-bit lane per row.
+        let mut row_scales = [0u32; 16];
+        for (r, packed) in row_scales.iter_mut().enumerate().take(count) {
+            let at = (first + r) * groups + g0;
+            for (b, &scale) in scales[at..at + block_count].iter().enumerate() {
+                *packed |= (scale as u32) << (8 * b);
+            }
+            // As for bf16: the next block of columns, its codes and scales.
+            let ahead = PANEL_COLS / 32;
+            prefetch(blocks.as_ptr(), (at + ahead) * MXFP4_BLOCK_BYTES);
+            prefetch(scales.as_ptr(), at + ahead);
+        }
+        // SAFETY: 64 bytes.
+        let row_scales = unsafe { _mm512_loadu_si512(row_scales.as_ptr() as *const _) };
+        let at = (first * groups + g0) * MXFP4_BLOCK_BYTES;
+        let lanes = block_count * MXFP4_BLOCK_BYTES / 4;
+        // SAFETY: `block_count` blocks of each of the `count` rows from block g0.
+        let codes = unsafe {
+            load_transposed(
+                blocks.as_ptr().add(at),
+                groups * MXFP4_BLOCK_BYTES,
+                count,
+                lanes,
+            )
+        };
+        for (i, &codes) in codes.iter().enumerate().take(lanes) {
+            let scale = e8m0_lanes(_mm512_and_si512(
+                _mm512_srlv_epi32(row_scales, _mm512_set1_epi32(8 * (i / 4) as i32)),
+                _mm512_set1_epi32(0xFF),
+            ));
+            let mut codes = codes;
+            for n in 0..8 {
+                let values = _mm512_mul_ps(_mm512_permutexvar_ps(codes, lut), scale);
+                store_column(panel, 8 * i + n, half, values);
+                codes = _mm512_srli_epi32::<4>(codes);
+            }
+        }
+    }
+}
+
+/// E8M0 scale bytes (one per 32-bit lane) as f32 2^(s − 127), exactly: the exponent field s;
+/// 0 is the subnormal 2^−127, kept by a blend.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn e8m0_lanes(s: __m512i) -> __m512 {
+    let zero = _mm512_cmpeq_epi32_mask(s, _mm512_setzero_si512());
+    let bits = _mm512_mask_blend_epi32(
+        zero,
+        _mm512_slli_epi32(s, 23),
+        _mm512_set1_epi32(0x0040_0000),
+    );
+    _mm512_castsi512_ps(bits)
 }
