@@ -6,6 +6,7 @@
 
 use std::arch::x86_64::*;
 
+use super::panels::{tile_tokens, BroadcastTile, PanelKernels, PANEL_COLS};
 use super::q8::{weight_groups, Q8Activations, Q8Group, Q8Span, FP4_DOUBLED_PLUS_12};
 use super::DecodeOrder::{Lanes, Rows};
 use super::{for_each_tile, prefetch, TileRows, MXFP4_BLOCK_BYTES, TILE_ROWS};
@@ -491,4 +492,280 @@ pub unsafe fn quantize_activations(x: &[f32]) -> Q8Activations {
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn swiglu(h: &[f32], limit: f32) -> Vec<f32> {
     super::swiglu_plain(h, limit)
+}
+
+/// The parts of [`super::panels::matmul_broadcast`]: panels of 16 rows (two vectors), tiles of
+/// up to 6 tokens (12 accumulators, 2 panel vectors and a broadcast value in 16 registers).
+pub struct Panels;
+
+impl PanelKernels for Panels {
+    const PANEL_ROWS: usize = 16;
+    const TILE_TOKENS: usize = 6;
+
+    unsafe fn decode_bf16(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mut [f32]) {
+        // SAFETY: the caller guarantees the CPU's support.
+        unsafe { decode_bf16_panel(w, cols, k0, width, panel) }
+    }
+
+    unsafe fn decode_mxfp4(
+        blocks: &[u8],
+        scales: &[u8],
+        cols: usize,
+        k0: usize,
+        width: usize,
+        panel: &mut [f32],
+    ) {
+        // SAFETY: as above.
+        unsafe { decode_mxfp4_panel(blocks, scales, cols, k0, width, panel) }
+    }
+
+    unsafe fn tile(tokens: usize, tile: BroadcastTile) {
+        // SAFETY: as above.
+        tile_tokens!(tokens, T, [1 2 3 4 5 6], unsafe { broadcast_tile::<T>(tile) })
+    }
+}
+
+const PANEL_ROWS: usize = Panels::PANEL_ROWS;
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn broadcast_tile<const T: usize>(tile: BroadcastTile) {
+    let width = tile.panel.len() / PANEL_ROWS;
+    assert!(tile.x.len() > (T - 1) * tile.cols + width - 1);
+    assert!(tile.out.len() >= (T - 1) * tile.out_stride + tile.rows);
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    if tile.accumulate {
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let at = t * tile.out_stride;
+            *acc = load_rows(&tile.out[at..at + tile.rows]);
+        }
+    }
+    let x = tile.x.as_ptr();
+    let panel = tile.panel.as_ptr();
+    for k in 0..width {
+        // SAFETY: column k of the panel is 16 values inside it.
+        let (w0, w1) = unsafe {
+            (
+                _mm256_loadu_ps(panel.add(k * PANEL_ROWS)),
+                _mm256_loadu_ps(panel.add(k * PANEL_ROWS + 8)),
+            )
+        };
+        for (t, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: column k of token t lies inside `x` (asserted).
+            let xv = _mm256_set1_ps(unsafe { *x.add(t * tile.cols + k) });
+            acc[0] = _mm256_fmadd_ps(w0, xv, acc[0]);
+            acc[1] = _mm256_fmadd_ps(w1, xv, acc[1]);
+        }
+    }
+    for (t, acc) in acc.iter().enumerate() {
+        let at = t * tile.out_stride;
+        store_rows(&mut tile.out[at..at + tile.rows], *acc);
+    }
+}
+
+/// Up to 16 values as two vectors, zeros past the end. A partial panel goes through a buffer:
+/// AMD runs `vmaskmovps` slowly.
+#[target_feature(enable = "avx2,fma")]
+fn load_rows(values: &[f32]) -> [__m256; 2] {
+    let mut buffer = [0f32; 16];
+    let values = match values.first_chunk::<16>() {
+        Some(all) => all,
+        None => {
+            buffer[..values.len()].copy_from_slice(values);
+            &buffer
+        }
+    };
+    // SAFETY: `values` is 16 floats.
+    unsafe {
+        [
+            _mm256_loadu_ps(values.as_ptr()),
+            _mm256_loadu_ps(values.as_ptr().add(8)),
+        ]
+    }
+}
+
+/// The first `values.len()` (up to 16) lanes of two vectors into `values`.
+#[target_feature(enable = "avx2,fma")]
+fn store_rows(values: &mut [f32], v: [__m256; 2]) {
+    let mut buffer = [0f32; 16];
+    // SAFETY: `buffer` is 16 floats.
+    unsafe {
+        _mm256_storeu_ps(buffer.as_mut_ptr(), v[0]);
+        _mm256_storeu_ps(buffer.as_mut_ptr().add(8), v[1]);
+    }
+    let n = values.len();
+    values.copy_from_slice(&buffer[..n]);
+}
+
+/// Lane `j` of vector `i` becomes lane `i` of vector `j` (32-bit lanes).
+#[target_feature(enable = "avx2,fma")]
+fn transpose_8x8(v: [__m256i; 8]) -> [__m256i; 8] {
+    let v = v.map(|v| _mm256_castsi256_ps(v));
+    // Per 128-bit lane L: pairs of rows interleaved, then quads[4g + m] holding rows 4g..4g + 4
+    // of column 4L + m.
+    let mut pairs = [_mm256_setzero_ps(); 8];
+    for i in 0..4 {
+        pairs[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        pairs[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    let mut quads = [_mm256_setzero_ps(); 8];
+    for g in 0..2 {
+        let (a, b) = (4 * g, 4 * g + 2);
+        for h in 0..2 {
+            quads[a + 2 * h] = _mm256_shuffle_ps::<0x44>(pairs[a + h], pairs[b + h]);
+            quads[a + 2 * h + 1] = _mm256_shuffle_ps::<0xEE>(pairs[a + h], pairs[b + h]);
+        }
+    }
+    let mut out = [_mm256_setzero_ps(); 8];
+    for m in 0..4 {
+        out[m] = _mm256_permute2f128_ps::<0x20>(quads[m], quads[4 + m]);
+        out[4 + m] = _mm256_permute2f128_ps::<0x31>(quads[m], quads[4 + m]);
+    }
+    out.map(|v| _mm256_castps_si256(v))
+}
+
+/// The 32-bit lanes `[0, lanes)` (`lanes` one of 8, 4) of up to 8 rows `stride` bytes apart
+/// from `at`, one vector per row (zeros for rows past `rows`), transposed: vector `i` holds lane
+/// `i` of every row.
+///
+/// # Safety
+/// `4 · lanes` bytes from `at + r · stride` must be readable for each `r < rows`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load_transposed(at: *const u8, stride: usize, rows: usize, lanes: usize) -> [__m256i; 8] {
+    let mut v = [_mm256_setzero_si256(); 8];
+    for (r, v) in v.iter_mut().enumerate().take(rows) {
+        // SAFETY: the caller guarantees these bytes are readable.
+        *v = unsafe { load_lanes(at.add(r * stride), lanes) };
+    }
+    transpose_8x8(v)
+}
+
+/// Stores a vector of 8 rows of panel column `column`, rows `8 · half..`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn store_column(panel: &mut [f32], column: usize, half: usize, values: __m256) {
+    let at = column * PANEL_ROWS + half * 8;
+    let dst = &mut panel[at..at + 8];
+    // SAFETY: `dst` is 8 floats.
+    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), values) };
+}
+
+/// [`PanelKernels::decode_bf16`]: per 8 rows and 16 columns, one transpose of 32-bit pairs of
+/// values.
+#[target_feature(enable = "avx2,fma")]
+fn decode_bf16_panel(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mut [f32]) {
+    let rows = w.len() / cols;
+    let full = width / 16 * 16;
+    let high_half = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+    for half in 0..2 {
+        let first = half * 8;
+        let count = rows.saturating_sub(first).min(8);
+        for c in (0..full).step_by(16) {
+            let at = first * cols + k0 + c;
+            if c.is_multiple_of(32) {
+                for r in 0..count {
+                    // The same columns of the next block, read after this block's products.
+                    prefetch(w.as_ptr() as *const u8, 2 * (at + r * cols + PANEL_COLS));
+                }
+            }
+            // SAFETY: 16 values of each of the `count` rows from column k0 + c < cols.
+            let pairs =
+                unsafe { load_transposed(w.as_ptr().add(at) as *const u8, 2 * cols, count, 8) };
+            for (i, pair) in pairs.into_iter().enumerate() {
+                let even = _mm256_slli_epi32::<16>(pair);
+                let odd = _mm256_and_si256(pair, high_half);
+                store_column(panel, c + 2 * i, half, _mm256_castsi256_ps(even));
+                store_column(panel, c + 2 * i + 1, half, _mm256_castsi256_ps(odd));
+            }
+        }
+    }
+    for c in full..width {
+        for r in 0..PANEL_ROWS {
+            panel[c * PANEL_ROWS + r] = if r < rows {
+                super::scalar::bf16_to_f32(w[r * cols + k0 + c])
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// [`PanelKernels::decode_mxfp4`]: per 8 rows and 2 blocks, one transpose of the 32-bit lanes of
+/// their codes; nibble n of lane i is column 8i + n (SPEC §3.3). `vpermps` reads 3 bits, so
+/// it looks up the magnitude and the code's top bit is moved onto the sign.
+#[target_feature(enable = "avx2,fma")]
+fn decode_mxfp4_panel(
+    blocks: &[u8],
+    scales: &[u8],
+    cols: usize,
+    k0: usize,
+    width: usize,
+    panel: &mut [f32],
+) {
+    let groups = cols / 32;
+    let rows = scales.len() / groups;
+    // SAFETY: FP4_VALUES has 16 f32; the first 8 are the magnitudes.
+    let magnitudes = unsafe { _mm256_loadu_ps(super::scalar::FP4_VALUES.as_ptr()) };
+    let sign = _mm256_set1_epi32(i32::MIN);
+    for half in 0..2 {
+        let first = half * 8;
+        let count = rows.saturating_sub(first).min(8);
+        for g in (k0 / 32..(k0 + width) / 32).step_by(2) {
+            let pair_blocks = (k0 + width) / 32 - g;
+            let block_count = pair_blocks.min(2);
+            let mut row_scales = [[0u32; 8]; 2];
+            for r in 0..count {
+                let at = (first + r) * groups + g;
+                for b in 0..block_count {
+                    row_scales[b][r] = scales[at + b] as u32;
+                }
+                if (g - k0 / 32).is_multiple_of(4) {
+                    // As for bf16: the next block of columns, its codes and scales.
+                    let ahead = PANEL_COLS / 32;
+                    prefetch(blocks.as_ptr(), (at + ahead) * MXFP4_BLOCK_BYTES);
+                    prefetch(scales.as_ptr(), at + ahead);
+                }
+            }
+            // SAFETY: `block_count` blocks of each of the `count` rows from block g.
+            let codes = unsafe {
+                load_transposed(
+                    blocks
+                        .as_ptr()
+                        .add((first * groups + g) * MXFP4_BLOCK_BYTES),
+                    groups * MXFP4_BLOCK_BYTES,
+                    count,
+                    block_count * 4,
+                )
+            };
+            let first_column = g * 32 - k0;
+            for (i, &codes) in codes.iter().enumerate().take(block_count * 4) {
+                // SAFETY: 8 u32.
+                let scale = e8m0_lanes(unsafe {
+                    _mm256_loadu_si256(row_scales[i / 4].as_ptr() as *const _)
+                });
+                for n in 0..8 {
+                    let shifted = _mm256_srlv_epi32(codes, _mm256_set1_epi32(4 * n as i32));
+                    let magnitude = _mm256_permutevar8x32_ps(magnitudes, shifted);
+                    let negative = _mm256_and_si256(
+                        _mm256_sllv_epi32(codes, _mm256_set1_epi32(28 - 4 * n as i32)),
+                        sign,
+                    );
+                    let value = _mm256_xor_ps(magnitude, _mm256_castsi256_ps(negative));
+                    let column = first_column + 8 * i + n;
+                    store_column(panel, column, half, _mm256_mul_ps(value, scale));
+                }
+            }
+        }
+    }
+}
+
+/// E8M0 scale bytes (one per 32-bit lane) as f32 2^(s − 127), exactly: the exponent field s;
+/// 0 is the subnormal 2^−127, kept by a blend.
+#[target_feature(enable = "avx2,fma")]
+fn e8m0_lanes(s: __m256i) -> __m256 {
+    let bits = _mm256_blendv_epi8(
+        _mm256_slli_epi32(s, 23),
+        _mm256_set1_epi32(0x0040_0000),
+        _mm256_cmpeq_epi32(s, _mm256_setzero_si256()),
+    );
+    _mm256_castsi256_ps(bits)
 }

@@ -6,6 +6,7 @@
 
 use std::arch::x86_64::*;
 
+use super::panels::{tile_tokens, BroadcastTile, PanelKernels, PANEL_COLS};
 use super::q8::{
     weight_groups, Q8Activations, Q8Group, Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12,
     GROUP_TOKENS,
@@ -770,127 +771,40 @@ pub unsafe fn swiglu(h: &[f32], limit: f32) -> Vec<f32> {
     super::swiglu_plain(h, limit)
 }
 
-/// Rows of a decoded panel: two vectors, which each broadcast activation multiplies.
-pub(super) const PANEL_ROWS: usize = 32;
-/// Columns decoded at a time: a panel (16 KiB) and a tile's activations (6 KiB) stay in L1.
-const PANEL_COLS: usize = 128;
-/// Tokens of a broadcast tile: 2 × 12 accumulators, 2 panel vectors and a broadcast value.
-const TILE_TOKENS: usize = 12;
+/// The parts of [`super::panels::matmul_broadcast`]: panels of 32 rows (two vectors), tiles of
+/// up to 12 tokens (24 accumulators, 2 panel vectors and a broadcast value in 32 registers).
+pub struct Panels;
 
-/// The weights of [`matmul_broadcast`], in a checkpoint format it decodes.
-#[derive(Clone, Copy)]
-pub enum PanelSource<'a> {
-    /// bf16 rows.
-    Bf16(&'a [u16]),
-    /// MXFP4 rows (`cols / 2` bytes of blocks, `cols / 32` E8M0 scales).
-    Mxfp4 { blocks: &'a [u8], scales: &'a [u8] },
-}
+impl PanelKernels for Panels {
+    const PANEL_ROWS: usize = 32;
+    const TILE_TOKENS: usize = 12;
 
-/// `out[t * rows + r] = Σ_c x[t, c] · w[r, c]`, token-major, for several tokens (exact prefill).
-/// The rows are decoded to f32 once, [`PANEL_COLS`] columns at a time, into panels of
-/// [`PANEL_ROWS`] rows stored column by column; each activation is then broadcast against a
-/// panel column, updating 32 rows of a token per two FMAs. The sums need no horizontal
-/// reduction, and each weight is decoded once per call instead of once per tile of tokens.
-/// Each output is summed in column order, its partial sums stored in `out` between column
-/// blocks.
-///
-/// # Safety
-/// The CPU must support AVX-512 F, BW and VL; `x` is `[tokens, cols]`, `weights` holds
-/// `out.len() / tokens` rows of `cols` columns (for MXFP4 a multiple of 32), `out` is
-/// `[tokens, rows]`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn matmul_broadcast(
-    x: &[f32],
-    tokens: usize,
-    weights: PanelSource,
-    cols: usize,
-    out: &mut [f32],
-) {
-    let rows = out.len() / tokens;
-    assert!(x.len() == tokens * cols && out.len() == tokens * rows);
-    let panels = rows.div_ceil(PANEL_ROWS);
-    let mut decoded = vec![0f32; panels * PANEL_ROWS * PANEL_COLS];
-    for k0 in (0..cols).step_by(PANEL_COLS) {
-        let width = PANEL_COLS.min(cols - k0);
-        for (p, panel) in decoded
-            .chunks_exact_mut(PANEL_ROWS * PANEL_COLS)
-            .enumerate()
-        {
-            let first = p * PANEL_ROWS;
-            let count = PANEL_ROWS.min(rows - first);
-            match weights {
-                PanelSource::Bf16(w) => decode_bf16_panel(
-                    &w[first * cols..(first + count) * cols],
-                    cols,
-                    k0,
-                    width,
-                    panel,
-                ),
-                PanelSource::Mxfp4 { blocks, scales } => {
-                    let (row_bytes, row_scales) = (cols / 2, cols / 32);
-                    decode_mxfp4_panel(
-                        &blocks[first * row_bytes..(first + count) * row_bytes],
-                        &scales[first * row_scales..(first + count) * row_scales],
-                        cols,
-                        k0,
-                        width,
-                        panel,
-                    )
-                }
-            }
-        }
-        for t0 in (0..tokens).step_by(TILE_TOKENS) {
-            let count = TILE_TOKENS.min(tokens - t0);
-            for (p, panel) in decoded.chunks_exact(PANEL_ROWS * PANEL_COLS).enumerate() {
-                let tile = BroadcastTile {
-                    x: &x[t0 * cols + k0..],
-                    cols,
-                    panel: &panel[..width * PANEL_ROWS],
-                    out: &mut out[t0 * rows + p * PANEL_ROWS..],
-                    rows: (rows - p * PANEL_ROWS).min(PANEL_ROWS),
-                    out_stride: rows,
-                    accumulate: k0 > 0,
-                };
-                broadcast_tokens!(count, T, broadcast_tile::<T>(tile));
-            }
-        }
+    unsafe fn decode_bf16(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mut [f32]) {
+        // SAFETY: the caller guarantees the CPU's support.
+        unsafe { decode_bf16_panel(w, cols, k0, width, panel) }
+    }
+
+    unsafe fn decode_mxfp4(
+        blocks: &[u8],
+        scales: &[u8],
+        cols: usize,
+        k0: usize,
+        width: usize,
+        panel: &mut [f32],
+    ) {
+        // SAFETY: as above.
+        unsafe { decode_mxfp4_panel(blocks, scales, cols, k0, width, panel) }
+    }
+
+    unsafe fn tile(tokens: usize, tile: BroadcastTile) {
+        // SAFETY: as above.
+        tile_tokens!(tokens, T, [1 2 3 4 5 6 7 8 9 10 11 12], unsafe {
+            broadcast_tile::<T>(tile)
+        })
     }
 }
 
-/// Turns a run-time token count (1 to [`TILE_TOKENS`]) into the const `T` for `$body`.
-macro_rules! broadcast_tokens {
-    ($count:expr, $T:ident, $body:expr) => {
-        broadcast_tokens!(@arms $count, $T, $body, [1 2 3 4 5 6 7 8 9 10 11 12])
-    };
-    (@arms $count:expr, $T:ident, $body:expr, [$($t:literal)*]) => {
-        match $count {
-            $( $t => {
-                const $T: usize = $t;
-                // SAFETY: as the caller's.
-                unsafe { $body }
-            } )*
-            _ => unreachable!("broadcast tiles are 1 to {TILE_TOKENS} tokens"),
-        }
-    };
-}
-use broadcast_tokens;
-
-/// One tile of [`matmul_broadcast`]: `T` tokens × up to [`PANEL_ROWS`] rows over one block of
-/// columns.
-struct BroadcastTile<'a> {
-    /// The tile's first token from the block's first column; token t starts `t · cols` later.
-    x: &'a [f32],
-    cols: usize,
-    /// `[width, PANEL_ROWS]`.
-    panel: &'a [f32],
-    /// The tile's first token from its first row; token t starts `t · out_stride` later.
-    out: &'a mut [f32],
-    /// Rows of the panel that exist (the rest of it is zeros).
-    rows: usize,
-    out_stride: usize,
-    /// Add to the sums in `out` (of the previous column blocks) rather than start from zero.
-    accumulate: bool,
-}
+const PANEL_ROWS: usize = Panels::PANEL_ROWS;
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn broadcast_tile<const T: usize>(tile: BroadcastTile) {

@@ -17,6 +17,8 @@ pub mod avx2;
 pub mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
+#[cfg(target_arch = "x86_64")]
+pub mod panels;
 pub mod q8;
 pub mod scalar;
 
@@ -178,18 +180,24 @@ pub fn default_isa() -> Result<Isa, String> {
 #[cfg(target_arch = "x86_64")]
 const COLUMN_KERNEL_TOKENS: usize = 16;
 
-/// From this many tokens on, AVX-512 runs exact bf16 products by broadcasting activations
-/// against decoded panels of rows ([`avx512::matmul_broadcast`]). It decodes each weight once
-/// and then spends fewer instructions per product than the register tiles, which decode each
-/// weight once per 4 tokens: measured against them (kernel benchmarks, 5760 × 2880, 2
-/// threads), -8 % at 11 tokens, +7 % at 12, +26 % at 20, +35 % at 32, +100 % at 512.
+/// From how many tokens on exact products run by broadcasting activations against decoded
+/// panels of rows ([`panels::matmul_broadcast`]) on x86-64. That decodes each weight once and
+/// then spends fewer instructions per product than the register tiles, which decode each weight
+/// once per 4 tokens. Measured against them (kernel benchmarks, 5760 × 2880, 2 threads):
+/// * AVX-512 bf16: -8 % at 11 tokens, +7 % at 12, +35 % at 32, +100 % at 512;
+/// * AVX-512 MXFP4, whose tiles decode cheaply: -2 % at 20, +7.5 % at 24, +15 % at 32, +60 % at
+///   512;
+/// * AVX2 bf16: -15 % at 4, +13 % at 6, +33 % at 16, +86 % at 512;
+/// * AVX2 MXFP4: -9 % at 6, -2 % at 8, +17 % at 10, +84 % at 64, +111 % at 512.
 #[cfg(target_arch = "x86_64")]
-const BROADCAST_BF16_TOKENS: usize = 12;
-
-/// As [`BROADCAST_BF16_TOKENS`] for MXFP4, whose register tiles decode cheaply: -2 % at 20
-/// tokens, +7.5 % at 24, +15 % at 32, +60 % at 512.
-#[cfg(target_arch = "x86_64")]
-const BROADCAST_MXFP4_TOKENS: usize = 22;
+fn broadcast_tokens(isa: Isa, weights: WeightMatrix) -> usize {
+    match (isa, weights) {
+        (Isa::Avx512, WeightMatrix::Mxfp4 { .. }) => 22,
+        (Isa::Avx512, _) => 12,
+        (_, WeightMatrix::Mxfp4 { .. }) => 9,
+        _ => 6,
+    }
+}
 
 /// Weight bytes per parallel task: enough for the hardware prefetcher to get up to speed and to
 /// amortise scheduling, little enough to balance the threads. Prefill is compute-bound and gets
@@ -468,7 +476,7 @@ enum Activations<'a> {
     /// `[tokens, cols]` rounded to bf16 bits (the fast path's `vdpbf16ps` kernel).
     #[cfg(target_arch = "x86_64")]
     Bf16(Vec<u16>),
-    /// `[tokens, cols]` for [`avx512::matmul_broadcast`], which computes `[tokens, rows]`
+    /// `[tokens, cols]` for [`panels::matmul_broadcast`], which computes `[tokens, rows]`
     /// blocks.
     #[cfg(target_arch = "x86_64")]
     Broadcast(std::borrow::Cow<'a, [f32]>),
@@ -489,7 +497,8 @@ impl Activations<'_> {
     fn task_rows_multiple(&self) -> usize {
         #[cfg(target_arch = "x86_64")]
         if let Activations::Broadcast(_) = self {
-            return avx512::PANEL_ROWS;
+            // Whole panels on either instruction set (32 rows on AVX-512, 16 on AVX2).
+            return 32;
         }
         8
     }
@@ -541,12 +550,8 @@ fn prepare_activations<'a>(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512, WeightMatrix::Bf16(_), _) if x.len() >= BROADCAST_BF16_TOKENS * cols => {
-            Activations::Broadcast(x.into())
-        }
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512, WeightMatrix::Mxfp4 { .. }, _)
-            if x.len() >= BROADCAST_MXFP4_TOKENS * cols =>
+        (Isa::Avx512 | Isa::Avx2, WeightMatrix::Bf16(_) | WeightMatrix::Mxfp4 { .. }, _)
+            if x.len() >= broadcast_tokens(isa, weights) * cols =>
         {
             Activations::Broadcast(x.into())
         }
@@ -696,10 +701,10 @@ fn run_kernel(
                     avx512::matmul_mxfp4_q8(spans, tokens, blocks, scales, cols, out)
                 },
                 #[cfg(target_arch = "x86_64")]
-                (Activations::Broadcast(x), _) => unsafe {
-                    let w = avx512::PanelSource::Mxfp4 { blocks, scales };
-                    avx512::matmul_broadcast(x, tokens, w, cols, out)
-                },
+                (Activations::Broadcast(x), _) => {
+                    let w = panels::PanelSource::Mxfp4 { blocks, scales };
+                    broadcast(isa, x, tokens, w, cols, out)
+                }
                 #[cfg(target_arch = "x86_64")]
                 (Activations::Q8Columns(columns), Isa::Avx512) => unsafe {
                     avx512::matmul_mxfp4_q8_columns(columns, blocks, scales, out)
@@ -719,13 +724,11 @@ fn run_kernel(
                 _ => unreachable!("activations prepared for another kernel"),
             }
         }
-        // SAFETY: `prepare_activations` gave broadcast activations only for AVX-512, in the
-        // order each format needs; `cols` is a multiple of 32 for MXFP4 (checked by `Config`).
         #[cfg(target_arch = "x86_64")]
-        (WeightMatrix::Bf16(w), Activations::Broadcast(x)) => unsafe {
-            let w = avx512::PanelSource::Bf16(&w[first * cols..(first + n) * cols]);
-            avx512::matmul_broadcast(x, tokens, w, cols, out)
-        },
+        (WeightMatrix::Bf16(w), Activations::Broadcast(x)) => {
+            let w = panels::PanelSource::Bf16(&w[first * cols..(first + n) * cols]);
+            broadcast(isa, x, tokens, w, cols, out)
+        }
         // SAFETY: `prepare_activations` gave bf16 activations only where AVX-512 BF16 runs.
         #[cfg(target_arch = "x86_64")]
         (WeightMatrix::Bf16(w), Activations::Bf16(x)) => unsafe {
@@ -748,6 +751,29 @@ fn run_kernel(
                 _ => unreachable!("8-bit weights take 8-bit activations"),
             }
         }
+    }
+}
+
+/// [`panels::matmul_broadcast`] with the kernels of `isa`.
+#[cfg(target_arch = "x86_64")]
+fn broadcast(
+    isa: Isa,
+    x: &[f32],
+    tokens: usize,
+    weights: panels::PanelSource,
+    cols: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: `matmul_batch` checked this CPU's support for `isa`; `cols` is a multiple of 32
+    // for MXFP4 (checked by `Config`).
+    match isa {
+        Isa::Avx512 => unsafe {
+            panels::matmul_broadcast::<avx512::Panels>(x, tokens, weights, cols, out)
+        },
+        Isa::Avx2 => unsafe {
+            panels::matmul_broadcast::<avx2::Panels>(x, tokens, weights, cols, out)
+        },
+        other => unreachable!("no broadcast kernels for {}", other.name()),
     }
 }
 
