@@ -806,47 +806,45 @@ impl PanelKernels for Panels {
 
 const PANEL_ROWS: usize = Panels::PANEL_ROWS;
 
+/// Vectors of rows in a panel.
+const PANEL_VECTORS: usize = PANEL_ROWS / 16;
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn broadcast_tile<const T: usize>(tile: BroadcastTile) {
     let width = tile.panel.len() / PANEL_ROWS;
     assert!(tile.x.len() > (T - 1) * tile.cols + width - 1);
     assert!(tile.out.len() >= (T - 1) * tile.out_stride + tile.rows);
-    let low = lane_mask(tile.rows);
-    let high = lane_mask(tile.rows.saturating_sub(16));
-    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    let masks: [__mmask16; PANEL_VECTORS] =
+        std::array::from_fn(|v| lane_mask(tile.rows.saturating_sub(16 * v)));
+    let mut acc = [[_mm512_setzero_ps(); PANEL_VECTORS]; T];
     if tile.accumulate {
         for (t, acc) in acc.iter_mut().enumerate() {
             let at = tile.out.as_ptr().wrapping_add(t * tile.out_stride);
-            // SAFETY: the masks select the tile's rows of token t, inside `out` (asserted).
-            unsafe {
-                acc[0] = _mm512_maskz_loadu_ps(low, at);
-                acc[1] = _mm512_maskz_loadu_ps(high, at.wrapping_add(16));
+            for (v, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the masks select the tile's rows of token t, inside `out` (asserted).
+                *acc = unsafe { _mm512_maskz_loadu_ps(masks[v], at.wrapping_add(16 * v)) };
             }
         }
     }
     let x = tile.x.as_ptr();
     let panel = tile.panel.as_ptr();
     for k in 0..width {
-        // SAFETY: column k of the panel is 32 values inside it.
-        let (w0, w1) = unsafe {
-            (
-                _mm512_loadu_ps(panel.add(k * PANEL_ROWS)),
-                _mm512_loadu_ps(panel.add(k * PANEL_ROWS + 16)),
-            )
-        };
+        // SAFETY: column k of the panel is PANEL_ROWS values inside it.
+        let w: [__m512; PANEL_VECTORS] =
+            std::array::from_fn(|v| unsafe { _mm512_loadu_ps(panel.add(k * PANEL_ROWS + 16 * v)) });
         for (t, acc) in acc.iter_mut().enumerate() {
             // SAFETY: column k of token t lies inside `x` (asserted).
             let xv = _mm512_set1_ps(unsafe { *x.add(t * tile.cols + k) });
-            acc[0] = _mm512_fmadd_ps(w0, xv, acc[0]);
-            acc[1] = _mm512_fmadd_ps(w1, xv, acc[1]);
+            for (acc, &w) in acc.iter_mut().zip(&w) {
+                *acc = _mm512_fmadd_ps(w, xv, *acc);
+            }
         }
     }
     for (t, acc) in acc.iter().enumerate() {
         let at = tile.out.as_mut_ptr().wrapping_add(t * tile.out_stride);
-        // SAFETY: as for the loads.
-        unsafe {
-            _mm512_mask_storeu_ps(at, low, acc[0]);
-            _mm512_mask_storeu_ps(at.wrapping_add(16), high, acc[1]);
+        for (v, &acc) in acc.iter().enumerate() {
+            // SAFETY: as for the loads.
+            unsafe { _mm512_mask_storeu_ps(at.wrapping_add(16 * v), masks[v], acc) };
         }
     }
 }
@@ -917,8 +915,15 @@ unsafe fn load_transposed(
     let mask = lane_mask(lanes);
     let mut v = [_mm512_setzero_si512(); 16];
     for (r, v) in v.iter_mut().enumerate().take(rows) {
-        // SAFETY: the caller guarantees these bytes are readable.
-        *v = unsafe { _mm512_maskz_loadu_epi32(mask, at.add(r * stride) as *const _) };
+        let row = at.wrapping_add(r * stride);
+        // SAFETY: the caller guarantees these bytes are readable. Whole loads where they can
+        // be: masked ones are slow on Zen 4.
+        *v = unsafe {
+            match lanes {
+                16 | 8 | 4 | 2 | 1 => load_lanes(row, lanes),
+                _ => _mm512_maskz_loadu_epi32(mask, row as *const _),
+            }
+        };
     }
     transpose_16x16(v)
 }
@@ -941,7 +946,7 @@ fn decode_bf16_panel(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mu
     let rows = w.len() / cols;
     let full = width / 32 * 32;
     let high_half = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-    for half in 0..2 {
+    for half in 0..PANEL_VECTORS {
         let first = half * 16;
         let count = rows.saturating_sub(first).min(16);
         for c in (0..full).step_by(32) {
@@ -990,7 +995,7 @@ fn decode_mxfp4_panel(
     let (g0, block_count) = (k0 / 32, width / 32);
     // SAFETY: FP4_VALUES has 16 f32.
     let lut = unsafe { _mm512_loadu_ps(FP4_VALUES.as_ptr()) };
-    for half in 0..2 {
+    for half in 0..PANEL_VECTORS {
         let first = half * 16;
         let count = rows.saturating_sub(first).min(16);
         // Each row's scale bytes of these blocks, packed in one 32-bit lane per row.
