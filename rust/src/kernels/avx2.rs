@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::panels::{tile_tokens, BroadcastTile, PanelKernels, PANEL_COLS};
+use super::panels::{tile_tokens, BroadcastTile, PanelKernels, PanelSource, PANEL_COLS};
 use super::q8::{weight_groups, Q8Activations, Q8Group, Q8Span, FP4_DOUBLED_PLUS_12};
 use super::DecodeOrder::{Lanes, Rows};
 use super::{for_each_tile, prefetch, TileRows, MXFP4_BLOCK_BYTES, TILE_ROWS};
@@ -499,27 +499,31 @@ pub unsafe fn swiglu(h: &[f32], limit: f32) -> Vec<f32> {
 pub struct Panels;
 
 impl PanelKernels for Panels {
+    type Activation = f32;
+    type Value = f32;
+    const COLUMNS_PER_VALUE: usize = 1;
     const PANEL_ROWS: usize = 16;
     const TILE_TOKENS: usize = 6;
 
-    unsafe fn decode_bf16(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mut [f32]) {
-        // SAFETY: the caller guarantees the CPU's support.
-        unsafe { decode_bf16_panel(w, cols, k0, width, panel) }
-    }
-
-    unsafe fn decode_mxfp4(
-        blocks: &[u8],
-        scales: &[u8],
+    unsafe fn decode(
+        weights: PanelSource,
         cols: usize,
         k0: usize,
         width: usize,
         panel: &mut [f32],
     ) {
-        // SAFETY: as above.
-        unsafe { decode_mxfp4_panel(blocks, scales, cols, k0, width, panel) }
+        // SAFETY: the caller guarantees the CPU's support.
+        unsafe {
+            match weights {
+                PanelSource::Bf16(w) => decode_bf16_panel(w, cols, k0, width, panel),
+                PanelSource::Mxfp4 { blocks, scales } => {
+                    decode_mxfp4_panel(blocks, scales, cols, k0, width, panel)
+                }
+            }
+        }
     }
 
-    unsafe fn tile(tokens: usize, tile: BroadcastTile) {
+    unsafe fn tile(tokens: usize, tile: BroadcastTile<f32, f32>) {
         // SAFETY: as above.
         tile_tokens!(tokens, T, [1 2 3 4 5 6], unsafe { broadcast_tile::<T>(tile) })
     }
@@ -528,7 +532,7 @@ impl PanelKernels for Panels {
 const PANEL_ROWS: usize = Panels::PANEL_ROWS;
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn broadcast_tile<const T: usize>(tile: BroadcastTile) {
+unsafe fn broadcast_tile<const T: usize>(tile: BroadcastTile<f32, f32>) {
     let width = tile.panel.len() / PANEL_ROWS;
     assert!(tile.x.len() > (T - 1) * tile.cols + width - 1);
     assert!(tile.out.len() >= (T - 1) * tile.out_stride + tile.rows);

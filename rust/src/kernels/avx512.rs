@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::panels::{tile_tokens, BroadcastTile, PanelKernels, PANEL_COLS};
+use super::panels::{tile_tokens, BroadcastTile, PanelKernels, PanelSource, PANEL_COLS};
 use super::q8::{
     weight_groups, Q8Activations, Q8Group, Q8Span, TokenColumns, FP4_DOUBLED, FP4_DOUBLED_PLUS_12,
     GROUP_TOKENS,
@@ -776,47 +776,159 @@ pub unsafe fn swiglu(h: &[f32], limit: f32) -> Vec<f32> {
 pub struct Panels;
 
 impl PanelKernels for Panels {
-    const PANEL_ROWS: usize = 32;
+    type Activation = f32;
+    type Value = f32;
+    const COLUMNS_PER_VALUE: usize = 1;
+    const PANEL_ROWS: usize = PANEL_ROWS;
     const TILE_TOKENS: usize = 12;
 
-    unsafe fn decode_bf16(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mut [f32]) {
-        // SAFETY: the caller guarantees the CPU's support.
-        unsafe { decode_bf16_panel(w, cols, k0, width, panel) }
-    }
-
-    unsafe fn decode_mxfp4(
-        blocks: &[u8],
-        scales: &[u8],
+    unsafe fn decode(
+        weights: PanelSource,
         cols: usize,
         k0: usize,
         width: usize,
         panel: &mut [f32],
     ) {
-        // SAFETY: as above.
-        unsafe { decode_mxfp4_panel(blocks, scales, cols, k0, width, panel) }
+        // SAFETY: the caller guarantees the CPU's support.
+        unsafe {
+            match weights {
+                PanelSource::Bf16(w) => decode_bf16_panel(w, cols, k0, width, panel),
+                PanelSource::Mxfp4 { blocks, scales } => {
+                    decode_mxfp4_panel(blocks, scales, cols, k0, width, panel)
+                }
+            }
+        }
     }
 
-    unsafe fn tile(tokens: usize, tile: BroadcastTile) {
+    unsafe fn tile(tokens: usize, tile: BroadcastTile<f32, f32>) {
         // SAFETY: as above.
         tile_tokens!(tokens, T, [1 2 3 4 5 6 7 8 9 10 11 12], unsafe {
-            broadcast_tile::<T>(tile)
+            exact_tile::<T>(tile)
         })
     }
 }
 
-const PANEL_ROWS: usize = Panels::PANEL_ROWS;
+impl LaneProduct for Panels {
+    #[inline(always)]
+    unsafe fn activation_bits(x: *const f32) -> i32 {
+        // SAFETY: the caller guarantees `x` is readable.
+        unsafe { x.read() }.to_bits() as i32
+    }
+
+    #[inline(always)]
+    unsafe fn multiply_add(acc: __m512, weights: __m512i, activations: __m512i) -> __m512 {
+        _mm512_fmadd_ps(
+            _mm512_castsi512_ps(weights),
+            _mm512_castsi512_ps(activations),
+            acc,
+        )
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn exact_tile<const T: usize>(tile: BroadcastTile<f32, f32>) {
+    // SAFETY: the caller guarantees the CPU's support.
+    unsafe { broadcast_tile::<T, Panels>(tile) }
+}
+
+/// The fast path's parts of [`super::panels::matmul_broadcast`] for bf16 weights (AVX-512
+/// BF16): panel entries are the weights of two adjacent columns, which `vdpbf16ps` multiplies
+/// into the two activations (rounded to bf16) exactly, adding both products into an f32 lane;
+/// panels of 32 rows, tiles of up to 12 tokens.
+pub struct Bf16Pairs;
+
+impl PanelKernels for Bf16Pairs {
+    type Activation = u16;
+    type Value = u32;
+    const COLUMNS_PER_VALUE: usize = 2;
+    const PANEL_ROWS: usize = PANEL_ROWS;
+    const TILE_TOKENS: usize = 12;
+
+    unsafe fn decode(
+        weights: PanelSource,
+        cols: usize,
+        k0: usize,
+        width: usize,
+        panel: &mut [u32],
+    ) {
+        match weights {
+            // SAFETY: the caller guarantees the CPU's support.
+            PanelSource::Bf16(w) => unsafe { decode_bf16_pairs(w, cols, k0, width, panel) },
+            PanelSource::Mxfp4 { .. } => unreachable!("bf16 pairs are decoded from bf16 weights"),
+        }
+    }
+
+    unsafe fn tile(tokens: usize, tile: BroadcastTile<u16, u32>) {
+        // SAFETY: as above.
+        tile_tokens!(tokens, T, [1 2 3 4 5 6 7 8 9 10 11 12], unsafe {
+            pairs_tile::<T>(tile)
+        })
+    }
+}
+
+impl LaneProduct for Bf16Pairs {
+    #[inline(always)]
+    unsafe fn activation_bits(x: *const u16) -> i32 {
+        // SAFETY: the caller guarantees that the two values at `x` are readable.
+        unsafe { (x as *const i32).read_unaligned() }
+    }
+
+    #[inline(always)]
+    unsafe fn multiply_add(acc: __m512, weights: __m512i, activations: __m512i) -> __m512 {
+        // SAFETY: `__m512bh` and `__m512i` are the same 64 bytes, read as 32 bf16.
+        unsafe {
+            _mm512_dpbf16_ps(
+                acc,
+                std::mem::transmute::<__m512i, __m512bh>(weights),
+                std::mem::transmute::<__m512i, __m512bh>(activations),
+            )
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pairs_tile<const T: usize>(tile: BroadcastTile<u16, u32>) {
+    // SAFETY: the caller guarantees the CPU's support.
+    unsafe { broadcast_tile::<T, Bf16Pairs>(tile) }
+}
+
+/// How a broadcast tile multiplies one panel entry per row (a 32-bit lane) into its
+/// accumulators.
+trait LaneProduct: PanelKernels {
+    /// The activations of one token that multiply a panel entry, as a 32-bit lane.
+    ///
+    /// # Safety
+    /// `COLUMNS_PER_VALUE` activations at `x` must be readable.
+    unsafe fn activation_bits(x: *const Self::Activation) -> i32;
+
+    /// `acc` plus the products of `weights` and `activations`, lane by lane.
+    ///
+    /// # Safety
+    /// The CPU must support the kernels' instruction set.
+    unsafe fn multiply_add(acc: __m512, weights: __m512i, activations: __m512i) -> __m512;
+}
+
+const PANEL_ROWS: usize = 32;
 
 /// Vectors of rows in a panel.
 const PANEL_VECTORS: usize = PANEL_ROWS / 16;
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn broadcast_tile<const T: usize>(tile: BroadcastTile) {
-    let width = tile.panel.len() / PANEL_ROWS;
-    assert!(tile.x.len() > (T - 1) * tile.cols + width - 1);
+/// One tile of `T` tokens, inlined into each kernel family's `#[target_feature]` function.
+///
+/// # Safety
+/// The CPU must support `P`'s instruction set.
+#[inline(always)]
+unsafe fn broadcast_tile<const T: usize, P: LaneProduct>(
+    tile: BroadcastTile<P::Activation, P::Value>,
+) {
+    let entries = tile.panel.len() / PANEL_ROWS;
+    let width = entries * P::COLUMNS_PER_VALUE;
+    assert!(tile.x.len() >= (T - 1) * tile.cols + width);
     assert!(tile.out.len() >= (T - 1) * tile.out_stride + tile.rows);
+    // SAFETY (every intrinsic below): the caller guarantees the CPU's support.
     let masks: [__mmask16; PANEL_VECTORS] =
         std::array::from_fn(|v| lane_mask(tile.rows.saturating_sub(16 * v)));
-    let mut acc = [[_mm512_setzero_ps(); PANEL_VECTORS]; T];
+    let mut acc = [[unsafe { _mm512_setzero_ps() }; PANEL_VECTORS]; T];
     if tile.accumulate {
         for (t, acc) in acc.iter_mut().enumerate() {
             let at = tile.out.as_ptr().wrapping_add(t * tile.out_stride);
@@ -828,15 +940,20 @@ unsafe fn broadcast_tile<const T: usize>(tile: BroadcastTile) {
     }
     let x = tile.x.as_ptr();
     let panel = tile.panel.as_ptr();
-    for k in 0..width {
-        // SAFETY: column k of the panel is PANEL_ROWS values inside it.
-        let w: [__m512; PANEL_VECTORS] =
-            std::array::from_fn(|v| unsafe { _mm512_loadu_ps(panel.add(k * PANEL_ROWS + 16 * v)) });
+    for j in 0..entries {
+        // SAFETY: entry j of the panel is PANEL_ROWS values inside it.
+        let w: [__m512i; PANEL_VECTORS] = std::array::from_fn(|v| unsafe {
+            _mm512_loadu_si512(panel.add(j * PANEL_ROWS + 16 * v) as *const _)
+        });
         for (t, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: column k of token t lies inside `x` (asserted).
-            let xv = _mm512_set1_ps(unsafe { *x.add(t * tile.cols + k) });
+            // SAFETY: the activations of entry j of token t lie inside `x` (asserted).
+            let xv = unsafe {
+                _mm512_set1_epi32(P::activation_bits(
+                    x.add(t * tile.cols + j * P::COLUMNS_PER_VALUE),
+                ))
+            };
             for (acc, &w) in acc.iter_mut().zip(&w) {
-                *acc = _mm512_fmadd_ps(w, xv, *acc);
+                *acc = unsafe { P::multiply_add(*acc, w, xv) };
             }
         }
     }
@@ -972,6 +1089,44 @@ fn decode_bf16_panel(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mu
                 bf16_to_f32(w[r * cols + k0 + c])
             } else {
                 0.0
+            };
+        }
+    }
+}
+
+/// [`Bf16Pairs`]' decoder: per 16 rows and 32 columns, one transpose of 32-bit pairs of
+/// values, which are the panel's entries as they are.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn decode_bf16_pairs(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mut [u32]) {
+    let rows = w.len() / cols;
+    let full = width / 32 * 32;
+    for half in 0..PANEL_VECTORS {
+        let first = half * 16;
+        let count = rows.saturating_sub(first).min(16);
+        for c in (0..full).step_by(32) {
+            let at = first * cols + k0 + c;
+            for r in 0..count {
+                // The same columns of the next block, read after this block's products.
+                prefetch(w.as_ptr() as *const u8, 2 * (at + r * cols + PANEL_COLS));
+            }
+            // SAFETY: 32 values of each of the `count` rows from column k0 + c < cols.
+            let pairs =
+                unsafe { load_transposed(w.as_ptr().add(at) as *const u8, 2 * cols, count, 16) };
+            for (i, pair) in pairs.into_iter().enumerate() {
+                let at = (c / 2 + i) * PANEL_ROWS + half * 16;
+                let dst = &mut panel[at..at + 16];
+                // SAFETY: `dst` is 16 lanes.
+                unsafe { _mm512_storeu_si512(dst.as_mut_ptr() as *mut _, pair) };
+            }
+        }
+    }
+    for c in (full..width).step_by(2) {
+        for r in 0..PANEL_ROWS {
+            panel[c / 2 * PANEL_ROWS + r] = if r < rows {
+                let at = r * cols + k0 + c;
+                u32::from(w[at]) | u32::from(w[at + 1]) << 16
+            } else {
+                0
             };
         }
     }
