@@ -4,7 +4,9 @@
 //! provides the same functions (`matmul_bf16`, `matmul_mxfp4`, and the 8-bit products) over a block
 //! of output rows; [`Isa`] picks one at run time (never at build time, so one wheel runs on any
 //! x86-64, and one on any aarch64). The scalar kernels are the oracle every SIMD kernel is tested
-//! against. The drivers here split output rows over the current rayon pool.
+//! against. The drivers here split output rows over the current rayon pool. On x86-64, products
+//! of many tokens run the loops of `panels.rs`, with a decoder and a register tile from the AVX2
+//! or AVX-512 file.
 
 use std::sync::OnceLock;
 
