@@ -1151,47 +1151,51 @@ fn decode_mxfp4_panel(
 ) {
     let groups = cols / 32;
     let rows = scales.len() / groups;
-    let (g0, block_count) = (k0 / 32, width / 32);
     // SAFETY: FP4_VALUES has 16 f32.
     let lut = unsafe { _mm512_loadu_ps(FP4_VALUES.as_ptr()) };
-    for half in 0..PANEL_VECTORS {
-        let first = half * 16;
-        let count = rows.saturating_sub(first).min(16);
-        // Each row's scale bytes of these blocks, packed in one 32-bit lane per row.
-        let mut row_scales = [0u32; 16];
-        for (r, packed) in row_scales.iter_mut().enumerate().take(count) {
-            let at = (first + r) * groups + g0;
-            for (b, &scale) in scales[at..at + block_count].iter().enumerate() {
-                *packed |= (scale as u32) << (8 * b);
+    // Spans of up to 4 blocks: 64 bytes of each row.
+    for g0 in (k0 / 32..(k0 + width) / 32).step_by(4) {
+        let block_count = ((k0 + width) / 32 - g0).min(4);
+        for half in 0..PANEL_VECTORS {
+            let first = half * 16;
+            let count = rows.saturating_sub(first).min(16);
+            // Each row's scale bytes of these blocks, packed in one 32-bit lane per row.
+            let mut row_scales = [0u32; 16];
+            for (r, packed) in row_scales.iter_mut().enumerate().take(count) {
+                let at = (first + r) * groups + g0;
+                for (b, &scale) in scales[at..at + block_count].iter().enumerate() {
+                    *packed |= (scale as u32) << (8 * b);
+                }
+                // As for bf16: the same span of the next block of columns, codes and scales.
+                let ahead = PANEL_COLS / 32;
+                prefetch(blocks.as_ptr(), (at + ahead) * MXFP4_BLOCK_BYTES);
+                prefetch(scales.as_ptr(), at + ahead);
             }
-            // As for bf16: the next block of columns, its codes and scales.
-            let ahead = PANEL_COLS / 32;
-            prefetch(blocks.as_ptr(), (at + ahead) * MXFP4_BLOCK_BYTES);
-            prefetch(scales.as_ptr(), at + ahead);
-        }
-        // SAFETY: 64 bytes.
-        let row_scales = unsafe { _mm512_loadu_si512(row_scales.as_ptr() as *const _) };
-        let at = (first * groups + g0) * MXFP4_BLOCK_BYTES;
-        let lanes = block_count * MXFP4_BLOCK_BYTES / 4;
-        // SAFETY: `block_count` blocks of each of the `count` rows from block g0.
-        let codes = unsafe {
-            load_transposed(
-                blocks.as_ptr().add(at),
-                groups * MXFP4_BLOCK_BYTES,
-                count,
-                lanes,
-            )
-        };
-        for (i, &codes) in codes.iter().enumerate().take(lanes) {
-            let scale = e8m0_lanes(_mm512_and_si512(
-                _mm512_srlv_epi32(row_scales, _mm512_set1_epi32(8 * (i / 4) as i32)),
-                _mm512_set1_epi32(0xFF),
-            ));
-            let mut codes = codes;
-            for n in 0..8 {
-                let values = _mm512_mul_ps(_mm512_permutexvar_ps(codes, lut), scale);
-                store_column(panel, 8 * i + n, half, values);
-                codes = _mm512_srli_epi32::<4>(codes);
+            // SAFETY: 64 bytes.
+            let row_scales = unsafe { _mm512_loadu_si512(row_scales.as_ptr() as *const _) };
+            let at = (first * groups + g0) * MXFP4_BLOCK_BYTES;
+            let lanes = block_count * MXFP4_BLOCK_BYTES / 4;
+            // SAFETY: `block_count` blocks of each of the `count` rows from block g0.
+            let codes = unsafe {
+                load_transposed(
+                    blocks.as_ptr().add(at),
+                    groups * MXFP4_BLOCK_BYTES,
+                    count,
+                    lanes,
+                )
+            };
+            let first_column = g0 * 32 - k0;
+            for (i, &codes) in codes.iter().enumerate().take(lanes) {
+                let scale = e8m0_lanes(_mm512_and_si512(
+                    _mm512_srlv_epi32(row_scales, _mm512_set1_epi32(8 * (i / 4) as i32)),
+                    _mm512_set1_epi32(0xFF),
+                ));
+                let mut codes = codes;
+                for n in 0..8 {
+                    let values = _mm512_mul_ps(_mm512_permutexvar_ps(codes, lut), scale);
+                    store_column(panel, first_column + 8 * i + n, half, values);
+                    codes = _mm512_srli_epi32::<4>(codes);
+                }
             }
         }
     }
