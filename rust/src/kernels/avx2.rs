@@ -502,7 +502,7 @@ impl PanelKernels for Panels {
     type Activation = f32;
     type Value = f32;
     const COLUMNS_PER_VALUE: usize = 1;
-    const PANEL_ROWS: usize = 16;
+    const PANEL_ROWS: usize = PANEL_ROWS;
     const TILE_TOKENS: usize = 6;
 
     unsafe fn decode(
@@ -529,12 +529,12 @@ impl PanelKernels for Panels {
     }
 }
 
-const PANEL_ROWS: usize = Panels::PANEL_ROWS;
+const PANEL_ROWS: usize = 16;
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn broadcast_tile<const T: usize>(tile: BroadcastTile<f32, f32>) {
     let width = tile.panel.len() / PANEL_ROWS;
-    assert!(tile.x.len() > (T - 1) * tile.cols + width - 1);
+    assert!(tile.x.len() >= (T - 1) * tile.cols + width);
     assert!(tile.out.len() >= (T - 1) * tile.out_stride + tile.rows);
     let mut acc = [[_mm256_setzero_ps(); 2]; T];
     if tile.accumulate {
@@ -653,7 +653,7 @@ fn store_column(panel: &mut [f32], column: usize, half: usize, values: __m256) {
     unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), values) };
 }
 
-/// [`PanelKernels::decode_bf16`]: per 8 rows and 16 columns, one transpose of 32-bit pairs of
+/// [`Panels`]' bf16 decoder: per 8 rows and 16 columns, one transpose of 32-bit pairs of
 /// values.
 #[target_feature(enable = "avx2,fma")]
 fn decode_bf16_panel(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mut [f32]) {
@@ -663,6 +663,10 @@ fn decode_bf16_panel(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mu
     for half in 0..2 {
         let first = half * 8;
         let count = rows.saturating_sub(first).min(8);
+        if count == 0 {
+            // No rows here: the panel's zeros stay (and no address past the rows is formed).
+            break;
+        }
         for c in (0..full).step_by(16) {
             let at = first * cols + k0 + c;
             if c.is_multiple_of(32) {
@@ -693,7 +697,7 @@ fn decode_bf16_panel(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mu
     }
 }
 
-/// [`PanelKernels::decode_mxfp4`]: per 8 rows and 2 blocks, one transpose of the 32-bit lanes of
+/// [`Panels`]' MXFP4 decoder: per 8 rows and 2 blocks, one transpose of the 32-bit lanes of
 /// their codes; nibble n of lane i is column 8i + n (SPEC §3.3). `vpermps` reads 3 bits, so
 /// it looks up the magnitude and the code's top bit is moved onto the sign.
 #[target_feature(enable = "avx2,fma")]
@@ -713,6 +717,10 @@ fn decode_mxfp4_panel(
     for half in 0..2 {
         let first = half * 8;
         let count = rows.saturating_sub(first).min(8);
+        if count == 0 {
+            // As for bf16.
+            break;
+        }
         for g in (k0 / 32..(k0 + width) / 32).step_by(2) {
             let pair_blocks = (k0 + width) / 32 - g;
             let block_count = pair_blocks.min(2);

@@ -837,8 +837,9 @@ unsafe fn exact_tile<const T: usize>(tile: BroadcastTile<f32, f32>) {
 
 /// The fast path's parts of [`super::panels::matmul_broadcast`] for bf16 weights (AVX-512
 /// BF16): panel entries are the weights of two adjacent columns, which `vdpbf16ps` multiplies
-/// into the two activations (rounded to bf16) exactly, adding both products into an f32 lane;
-/// panels of 32 rows, tiles of up to 12 tokens.
+/// into the two activations (rounded to bf16), adding both products into an f32 lane. Each
+/// product of two bf16 is exact in f32, but the instruction treats subnormal inputs as zero and
+/// flushes subnormal results. Panels of 32 rows, tiles of up to 12 tokens.
 pub struct Bf16Pairs;
 
 impl PanelKernels for Bf16Pairs {
@@ -1019,13 +1020,12 @@ fn transpose_16x16(v: [__m512i; 16]) -> [__m512i; 16] {
     out.map(|v| _mm512_castps_si512(v))
 }
 
-/// The 32-bit lanes `[lane, lane + lanes)` of up to 16 rows `stride` bytes apart from `at`, one
-/// vector per row (zeros for rows past `rows`), transposed: vector `i` holds lane `lane + i` of
-/// every row.
+/// The first `lanes` 32-bit lanes (4, 8, 12 or 16) of up to 16 rows `stride` bytes apart from
+/// `at`, one vector per row (zeros for rows past `rows`), transposed: vector `i` holds lane `i`
+/// of every row.
 ///
 /// # Safety
-/// `4 · lanes` bytes (at most 64) from `at + r · stride + 4 · lane` must be readable for each
-/// `r < rows`.
+/// `4 · lanes` bytes from `at + r · stride` must be readable for each `r < rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn load_transposed(
     at: *const u8,
@@ -1041,7 +1041,7 @@ unsafe fn load_transposed(
         // be: masked ones are slow on Zen 4.
         *v = unsafe {
             match lanes {
-                16 | 8 | 4 | 2 | 1 => load_lanes(row, lanes),
+                16 | 8 | 4 => load_lanes(row, lanes),
                 _ => _mm512_maskz_loadu_epi32(mask, row as *const _),
             }
         };
@@ -1060,78 +1060,79 @@ fn store_column(panel: &mut [f32], column: usize, half: usize, values: __m512) {
 }
 
 /// Columns `k0..k0 + width` of up to [`PANEL_ROWS`] bf16 rows (`w`, `[rows, cols]`) into
-/// `panel` (`[width, PANEL_ROWS]`), zeros below the last row. Per 16 rows and 32 columns, one
-/// transpose of 32-bit pairs of values.
+/// `panel` (`[width, PANEL_ROWS]`), zeros below the last row.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn decode_bf16_panel(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mut [f32]) {
-    let rows = w.len() / cols;
-    let full = width / 32 * 32;
     let high_half = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-    for half in 0..PANEL_VECTORS {
-        let first = half * 16;
-        let count = rows.saturating_sub(first).min(16);
-        for c in (0..full).step_by(32) {
-            let at = first * cols + k0 + c;
-            for r in 0..count {
-                // The same columns of the next block, read after this block's products.
-                prefetch(w.as_ptr() as *const u8, 2 * (at + r * cols + PANEL_COLS));
-            }
-            // SAFETY: 32 values of each of the `count` rows from column k0 + c < cols.
-            let pairs =
-                unsafe { load_transposed(w.as_ptr().add(at) as *const u8, 2 * cols, count, 16) };
-            for (i, pair) in pairs.into_iter().enumerate() {
-                let even = _mm512_slli_epi32::<16>(pair);
-                let odd = _mm512_and_si512(pair, high_half);
-                store_column(panel, c + 2 * i, half, _mm512_castsi512_ps(even));
-                store_column(panel, c + 2 * i + 1, half, _mm512_castsi512_ps(odd));
-            }
+    bf16_pairs(w, cols, k0, width, |i, half, pair| {
+        let even = _mm512_slli_epi32::<16>(pair);
+        store_column(panel, 2 * i, half, _mm512_castsi512_ps(even));
+        if 2 * i + 1 < width {
+            let odd = _mm512_and_si512(pair, high_half);
+            store_column(panel, 2 * i + 1, half, _mm512_castsi512_ps(odd));
         }
-    }
-    for c in full..width {
-        for r in 0..PANEL_ROWS {
-            panel[c * PANEL_ROWS + r] = if r < rows {
-                bf16_to_f32(w[r * cols + k0 + c])
-            } else {
-                0.0
-            };
-        }
-    }
+    });
 }
 
-/// [`Bf16Pairs`]' decoder: per 16 rows and 32 columns, one transpose of 32-bit pairs of
-/// values, which are the panel's entries as they are.
+/// [`Bf16Pairs`]' decoder: the pairs of [`bf16_pairs`] are the panel's entries as they are.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn decode_bf16_pairs(w: &[u16], cols: usize, k0: usize, width: usize, panel: &mut [u32]) {
+    bf16_pairs(w, cols, k0, width, |i, half, pair| {
+        let at = i * PANEL_ROWS + half * 16;
+        let dst = &mut panel[at..at + 16];
+        // SAFETY: `dst` is 16 lanes.
+        unsafe { _mm512_storeu_si512(dst.as_mut_ptr() as *mut _, pair) };
+    });
+}
+
+/// Columns `k0..k0 + width` of up to [`PANEL_ROWS`] bf16 rows (`w`, `[rows, cols]`) as 32-bit
+/// pairs of adjacent columns: `pair(i, half, v)` gets, for the rows `16 · half..` (zeros past
+/// the last), columns `k0 + 2i` (low halves) and `k0 + 2i + 1` (high halves, zero past
+/// `width`). Per 16 rows and 32 columns, one transpose; a last part of fewer than 32 columns is
+/// gathered value by value.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+fn bf16_pairs(
+    w: &[u16],
+    cols: usize,
+    k0: usize,
+    width: usize,
+    mut pair: impl FnMut(usize, usize, __m512i),
+) {
     let rows = w.len() / cols;
+    assert!(rows <= PANEL_ROWS && k0 + width <= cols);
     let full = width / 32 * 32;
     for half in 0..PANEL_VECTORS {
         let first = half * 16;
         let count = rows.saturating_sub(first).min(16);
+        if count == 0 {
+            // No rows here: the panel's zeros stay (and no address past the rows is formed).
+            break;
+        }
         for c in (0..full).step_by(32) {
             let at = first * cols + k0 + c;
             for r in 0..count {
                 // The same columns of the next block, read after this block's products.
                 prefetch(w.as_ptr() as *const u8, 2 * (at + r * cols + PANEL_COLS));
             }
-            // SAFETY: 32 values of each of the `count` rows from column k0 + c < cols.
+            // SAFETY: 32 values of each of the `count` rows from column k0 + c (asserted).
             let pairs =
                 unsafe { load_transposed(w.as_ptr().add(at) as *const u8, 2 * cols, count, 16) };
-            for (i, pair) in pairs.into_iter().enumerate() {
-                let at = (c / 2 + i) * PANEL_ROWS + half * 16;
-                let dst = &mut panel[at..at + 16];
-                // SAFETY: `dst` is 16 lanes.
-                unsafe { _mm512_storeu_si512(dst.as_mut_ptr() as *mut _, pair) };
+            for (i, v) in pairs.into_iter().enumerate() {
+                pair(c / 2 + i, half, v);
             }
         }
-    }
-    for c in (full..width).step_by(2) {
-        for r in 0..PANEL_ROWS {
-            panel[c / 2 * PANEL_ROWS + r] = if r < rows {
-                let at = r * cols + k0 + c;
-                u32::from(w[at]) | u32::from(w[at + 1]) << 16
-            } else {
-                0
-            };
+        for c in (full..width).step_by(2) {
+            let mut lanes = [0u32; 16];
+            for (r, lane) in lanes.iter_mut().enumerate().take(count) {
+                let at = (first + r) * cols + k0 + c;
+                let high = if c + 1 < width { w[at + 1] } else { 0 };
+                *lane = u32::from(w[at]) | u32::from(high) << 16;
+            }
+            // SAFETY: `lanes` is 64 bytes.
+            pair(c / 2, half, unsafe {
+                _mm512_loadu_si512(lanes.as_ptr() as *const _)
+            });
         }
     }
 }
@@ -1159,6 +1160,10 @@ fn decode_mxfp4_panel(
         for half in 0..PANEL_VECTORS {
             let first = half * 16;
             let count = rows.saturating_sub(first).min(16);
+            if count == 0 {
+                // As for bf16.
+                break;
+            }
             // Each row's scale bytes of these blocks, packed in one 32-bit lane per row.
             let mut row_scales = [0u32; 16];
             for (r, packed) in row_scales.iter_mut().enumerate().take(count) {

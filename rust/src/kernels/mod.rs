@@ -182,8 +182,9 @@ pub fn default_isa() -> Result<Isa, String> {
 #[cfg(target_arch = "x86_64")]
 const COLUMN_KERNEL_TOKENS: usize = 16;
 
-/// From how many tokens on exact products run by broadcasting activations against decoded
-/// panels of rows ([`panels::matmul_broadcast`]) on x86-64. That decodes each weight once and
+/// From how many tokens on products with f32 activations (exact, and fast bf16 without AVX-512
+/// BF16) run by broadcasting activations against decoded panels of rows
+/// ([`panels::matmul_broadcast`]) on x86-64. That decodes each weight once and
 /// then spends fewer instructions per product than the register tiles, which decode each weight
 /// once per 4 tokens. Measured against them (kernel benchmarks, 5760 × 2880, 2 threads):
 /// * AVX-512 bf16: -8 % at 11 tokens, +7 % at 12, +35 % at 32, +100 % at 512;
@@ -391,7 +392,7 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
             // Here, while the rows are in this core's cache. Added after the region, serially,
             // from rows the other core wrote, they took ~1 % of a decoded token's time.
             match s.bias {
-                // One token: a flat sum that vectorises.
+                // One token, or a token-major block: a flat sum per token that vectorises.
                 Some(bias) if s.tokens == 1 || token_major => {
                     for token in out.chunks_exact_mut(n) {
                         token
@@ -415,8 +416,8 @@ pub fn matmul_batch(isa: Isa, precision: Precision, jobs: Vec<Matmul<'_>>) {
 }
 
 /// The output `y` (`[tokens, rows]`) of a product of several tokens, shared by the tasks that
-/// each write their own rows of every token into it. Their `[rows, tokens]` blocks are still in
-/// cache there: a transpose after the parallel region, serial and row by row, took 8 % of a
+/// each write their own rows of every token into it. Their blocks are still in cache there: a
+/// transpose after the parallel region, serial and row by row, took 8 % of a
 /// 512-token prefill, and 6 % in parallel blocks of 16 tokens.
 #[derive(Clone, Copy)]
 struct TokenMajor {
@@ -553,7 +554,7 @@ fn prepare_activations<'a>(
                     .iter()
                     .map(|&v| half::bf16::from_f32(v).to_bits())
                     .collect(),
-                // Pairs of columns: an odd count leaves the register tiles.
+                // Pairs of columns: an odd count keeps the register tiles.
                 broadcast: x.len() >= BROADCAST_PAIRS_TOKENS * cols && cols.is_multiple_of(2),
             }
         }
@@ -1302,11 +1303,14 @@ mod tests {
             (7, 33, 1),
             // One token, in lanes on AVX2: 5 tiles of 4 rows 5 apart, then 3 adjacent rows.
             (23, 100, 1),
-            // Broadcast tiles on AVX-512: 12 + 12 + 1 tokens, a panel of 13 rows, 6 columns
-            // decoded one at a time.
+            // Broadcast tiles on AVX-512: 12 + 12 + 1 tokens, a panel of 13 rows, a last block
+            // of 22 columns gathered value by value (16 + 6 on AVX2).
             (45, 150, 25),
             // A last panel of 1 row; a last block of 64 columns.
             (33, 2880, 14),
+            // Odd columns: the exact broadcast pairs the last column with zero; the fast path on
+            // AVX-512 BF16 keeps its register tiles.
+            (9, 33, 13),
         ] {
             let x = random_f32(&mut rng, tokens * cols);
             let w: Vec<u16> = random_bf16(&mut rng, rows * cols);

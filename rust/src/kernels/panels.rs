@@ -73,7 +73,8 @@ pub trait PanelKernels {
     /// the last row.
     ///
     /// # Safety
-    /// The CPU must support the instruction set.
+    /// The CPU must support the instruction set; `weights` holds at most `PANEL_ROWS` whole rows
+    /// of `cols` columns, `k0 + width <= cols`, and `panel` is zeros where no row is.
     unsafe fn decode(
         weights: PanelSource,
         cols: usize,
@@ -112,7 +113,9 @@ pub unsafe fn matmul_broadcast<K: PanelKernels>(
         for (p, panel) in decoded.chunks_exact_mut(panel_len).enumerate() {
             let first = p * K::PANEL_ROWS;
             let count = K::PANEL_ROWS.min(rows - first);
-            // SAFETY: the caller guarantees the CPU's support.
+            // SAFETY: the caller guarantees the CPU's support; `count <= PANEL_ROWS` whole rows,
+            // `k0 + width <= cols`, and the panel's rows past `count` are never written, so
+            // they stay the zeros it was allocated with.
             unsafe { K::decode(weights.rows(first, count, cols), cols, k0, width, panel) };
         }
         for t0 in (0..tokens).step_by(K::TILE_TOKENS) {
