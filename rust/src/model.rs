@@ -459,15 +459,26 @@ impl Model {
             .map(|((g, z), out)| expert_job(z, &layer.down, g.expert, out));
         kernels::matmul_batch(self.isa, self.precision, jobs.collect());
 
-        let mut y = vec![0f32; x.len()];
+        // Each token's weighted expert outputs, summed in expert order as before: tokens in
+        // parallel, 16 or more a task (serially it took ~1 % of exact prefill).
+        let mut contributions: Vec<Vec<(f32, &[f32])>> = vec![Vec::new(); x.len() / d];
         for (g, out) in groups.iter().zip(&outputs) {
             for (&(token, w), out_row) in g.assigned.iter().zip(out.chunks_exact(d)) {
-                for (yi, &o) in y[token * d..(token + 1) * d].iter_mut().zip(out_row) {
-                    *yi += w * o;
-                }
+                contributions[token].push((w, out_row));
             }
         }
-        add_assign(x, &y);
+        x.par_chunks_mut(d)
+            .with_min_len(16)
+            .zip(&contributions)
+            .for_each(|(x_row, token)| {
+                let mut y = vec![0f32; d];
+                for &(w, out_row) in token {
+                    for (yi, &o) in y.iter_mut().zip(out_row) {
+                        *yi += w * o;
+                    }
+                }
+                add_assign(x_row, &y);
+            });
         routes
     }
 }
