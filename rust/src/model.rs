@@ -459,8 +459,8 @@ impl Model {
             .map(|((g, z), out)| expert_job(z, &layer.down, g.expert, out));
         kernels::matmul_batch(self.isa, self.precision, jobs.collect());
 
-        // Each token's weighted expert outputs, summed in expert order as before: tokens in
-        // parallel, 16 or more a task (serially it took ~1 % of exact prefill).
+        // Each token's weighted expert outputs, summed in expert order whatever the split:
+        // tokens in parallel, 16 or more a task (serially it took ~1 % of exact prefill).
         let mut contributions: Vec<Vec<(f32, &[f32])>> = vec![Vec::new(); x.len() / d];
         for (g, out) in groups.iter().zip(&outputs) {
             for (&(token, w), out_row) in g.assigned.iter().zip(out.chunks_exact(d)) {
