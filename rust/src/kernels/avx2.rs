@@ -722,8 +722,7 @@ fn decode_mxfp4_panel(
             break;
         }
         for g in (k0 / 32..(k0 + width) / 32).step_by(2) {
-            let pair_blocks = (k0 + width) / 32 - g;
-            let block_count = pair_blocks.min(2);
+            let block_count = ((k0 + width) / 32 - g).min(2);
             let mut row_scales = [[0u32; 8]; 2];
             for r in 0..count {
                 let at = (first + r) * groups + g;
